@@ -1,0 +1,189 @@
+"""The trainable state: a LoRA adapter kept as an fp32 master copy, in PEFT's format.
+
+MeZO never stores a perturbation: z is a pure function of (seed, tensor name), so any process
+holding the master copy (a vLLM worker, a data-parallel replica, the reference engine) can
+regenerate the same z for its own tensors, and only seeds and scalars need to travel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+ALL_LINEAR = "all-linear"
+
+
+class AdapterError(Exception):
+    """An adapter folder or target list that cannot be used; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """What PEFT's LoraConfig says about the adapter's shape (PEFT defaults otherwise)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass(frozen=True)
+class Update:
+    """θ ← (1 − decay)·θ + Σ coeff·z(seed): every update rule reduces to seeds and scalars."""
+
+    terms: tuple[tuple[int, float], ...]
+    decay: float = 0.0
+
+
+def noise_seed(seed: int, name: str) -> int:
+    """A per-tensor seed that depends on the name, not on the order tensors are visited in."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def noise(seed: int, name: str, shape: torch.Size) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(noise_seed(seed, name))
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def model_linear_shapes(model_dir: str | Path) -> dict[str, tuple[int, int]]:
+    """Module name → (out, in) of every 2-D `.weight` inside the decoder layers.
+
+    Read from the safetensors headers, so no weights are loaded and any HF architecture works.
+    """
+    shapes: dict[str, tuple[int, int]] = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if not key.endswith(".weight") or ".layers." not in key:
+                    continue
+                shape = f.get_slice(key).get_shape()
+                if len(shape) == 2:
+                    shapes[key[: -len(".weight")]] = (int(shape[0]), int(shape[1]))
+    return shapes
+
+
+def resolve_targets(targets: Iterable[str], shapes: dict[str, tuple[int, int]]) -> tuple[str, ...]:
+    """PEFT's suffix matching of target names (or `all-linear`) against the model's modules."""
+    names = list(targets)
+    suffixes = {m.rsplit(".", 1)[-1] for m in shapes}
+    if names == [ALL_LINEAR]:
+        return tuple(sorted(suffixes))
+    missing = [t for t in names if t not in suffixes]
+    if missing:
+        raise AdapterError(
+            f"target modules {missing} not in the model (it has: {', '.join(sorted(suffixes))})"
+        )
+    return tuple(names)
+
+
+class LoraAdapter:
+    """fp32 master tensors keyed by PEFT's names (`base_model.model.<module>.lora_A.weight`)."""
+
+    def __init__(self, spec: LoraSpec, tensors: dict[str, torch.Tensor]):
+        self.spec = spec
+        self.tensors = tensors
+
+    @classmethod
+    def init(cls, spec: LoraSpec, shapes: dict[str, tuple[int, int]], seed: int) -> "LoraAdapter":
+        """PEFT's default initialisation: A ~ kaiming-uniform(a=√5), B = 0, so θ₀ is the base model."""
+        tensors: dict[str, torch.Tensor] = {}
+        for module in sorted(m for m in shapes if m.rsplit(".", 1)[-1] in spec.targets):
+            out_f, in_f = shapes[module]
+            bound = 1.0 / math.sqrt(in_f)
+            g = torch.Generator().manual_seed(noise_seed(seed, module))
+            a = torch.empty(spec.r, in_f).uniform_(-bound, bound, generator=g)
+            tensors[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = a
+            tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = torch.zeros(out_f, spec.r)
+        if not tensors:
+            raise AdapterError(f"no module of the model matches targets {list(spec.targets)}")
+        return cls(spec, tensors)
+
+    def modules(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Module name (as the model names it) → (A, B)."""
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for key, a in self.tensors.items():
+            if key.endswith(".lora_A.weight"):
+                module = key[len(_PEFT_PREFIX) : -len(".lora_A.weight")]
+                out[module] = (a, self.tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"])
+        return out
+
+    def perturbed(self, seed: int, scale: float) -> dict[str, torch.Tensor]:
+        """θ + scale·z(seed), computed afresh from the master so no rounding ever accumulates."""
+        if scale == 0.0:
+            return dict(self.tensors)
+        return {k: t + scale * noise(seed, k, t.shape) for k, t in self.tensors.items()}
+
+    def apply(self, update: Update) -> None:
+        for key, t in self.tensors.items():
+            if update.decay:
+                t.mul_(1.0 - update.decay)
+            for seed, coeff in update.terms:
+                if coeff:
+                    t.add_(noise(seed, key, t.shape), alpha=coeff)
+
+    def num_params(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+    def save(self, folder: str | Path, base_model: str) -> None:
+        """PEFT's on-disk format, so PEFT, transformers and vLLM load it as any other adapter."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.spec.r,
+            "lora_alpha": self.spec.alpha,
+            "target_modules": list(self.spec.targets),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "modules_to_save": None,
+            "use_rslora": False,
+            "use_dora": False,
+        }
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(folder / ADAPTER_WEIGHTS))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "LoraAdapter":
+        folder = Path(folder)
+        config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+        if not config_path.is_file():
+            raise AdapterError(f"{folder}: no {ADAPTER_CONFIG}")
+        if not weights_path.is_file():
+            pickled = [p.name for p in folder.glob("*.bin")]
+            why = f" (pickled {pickled[0]} is refused: convert it to safetensors)" if pickled else ""
+            raise AdapterError(f"{folder}: no {ADAPTER_WEIGHTS}{why}")
+        try:
+            config = json.loads(config_path.read_text())
+            targets = config["target_modules"]
+            spec = LoraSpec(
+                r=int(config["r"]),
+                alpha=float(config["lora_alpha"]),
+                targets=(targets,) if isinstance(targets, str) else tuple(targets),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise AdapterError(f"{config_path}: not a PEFT LoRA config ({e})") from e
+        tensors = {k: v.float() for k, v in load_file(str(weights_path)).items()}
+        return cls(spec, tensors)
+
+    def spec_dict(self) -> dict:
+        return asdict(self.spec)

@@ -1,0 +1,171 @@
+"""The vLLM engine as MeZO's forward-pass engine: variant slots written in place, span scoring.
+
+Everything that touches vLLM lives here or in `patches/`. The engine holds one `LLM` with LoRA
+enabled and one slot per variant (θ+εz, θ−εz, ...). The fp32 master adapter lives on the worker
+side; the driver sends seeds and scalars only, and each worker regenerates z for its tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+import itertools
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import patches as _patches
+from .adapter import LoraAdapter, Update
+from .data import Request
+
+_BASE = None  # variant index meaning "the base model, no adapter"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    dtype: str = "bfloat16"
+    max_model_len: int = 1024
+    n_variants: int = 2
+    seed: int = 0
+    kv_cache_gib: float = 1.0
+
+
+class _WorkerState:
+    """What a worker keeps between RPCs: the master adapter and where its tensors go in vLLM."""
+
+    def __init__(self, worker: Any, adapter: LoraAdapter):
+        runner = getattr(worker, "worker", worker).model_runner
+        self.manager = runner.lora_manager._adapter_manager
+        self.adapter = adapter
+        modules = adapter.modules()
+        self.layout: list[tuple[str, list[str | None]]] = []
+        for name in self.manager.modules:
+            parts = self.manager.packed_modules.get(name, [name])
+            mine = [p if p in modules else None for p in parts]
+            if any(mine):
+                self.layout.append((name, mine))
+        covered = {p for _, parts in self.layout for p in parts if p}
+        if covered != set(modules):
+            missing = sorted(set(modules) - covered)[:3]
+            raise RuntimeError(f"vLLM has no LoRA layer for adapter modules {missing}")
+
+    def write(self, adapter_id: int, seed: int, scale: float) -> None:
+        slot = self.manager.lora_index_to_id.index(adapter_id)
+        tensors = self.adapter.perturbed(seed, scale)
+        scaling = self.adapter.spec.scaling
+        prefix = "base_model.model."
+        for name, parts in self.layout:
+            a = [None if p is None else tensors[f"{prefix}{p}.lora_A.weight"] for p in parts]
+            b = [None if p is None else tensors[f"{prefix}{p}.lora_B.weight"] * scaling for p in parts]
+            layer = self.manager.modules[name]
+            if len(parts) == 1:
+                layer.set_lora(slot, a[0], b[0])
+            else:
+                layer.set_lora(slot, a, b)
+
+
+def _rpc_install(worker: Any, spec: Any, tensors: dict[str, torch.Tensor]) -> None:
+    worker._mezo_state = _WorkerState(worker, LoraAdapter(spec, {k: v.clone() for k, v in tensors.items()}))
+
+
+def _rpc_write(worker: Any, writes: list[tuple[int, int, float]]) -> None:
+    for adapter_id, seed, scale in writes:
+        worker._mezo_state.write(adapter_id, seed, scale)
+
+
+def _rpc_apply(worker: Any, update: Update) -> None:
+    worker._mezo_state.adapter.apply(update)
+
+
+def _rpc_master(worker: Any) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in worker._mezo_state.adapter.tensors.items()}
+
+
+class VllmEngine:
+    """One vLLM `LLM`, `n_variants` LoRA slots, and the master adapter on its workers."""
+
+    def __init__(self, config: EngineConfig, adapter: LoraAdapter):
+        _patches.apply_all(_patches.required())
+        from vllm import LLM, SamplingParams
+
+        self.config = config
+        self.llm = LLM(
+            model=config.model,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            enable_lora=True,
+            max_loras=config.n_variants,
+            max_cpu_loras=config.n_variants,
+            max_lora_rank=adapter.spec.r,
+            seed=config.seed,
+            kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)),
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+        self._params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        self._dir = tempfile.TemporaryDirectory(prefix="mezo-vllm-slots-")
+        adapter.save(self._dir.name, base_model=config.model)
+        self._names = itertools.count()
+        self._loras = self._fresh_loras()
+        self.score([Request(0, 0, (0, 0), 1)], list(range(config.n_variants)))  # load into slots
+        self._rpc(_rpc_install, adapter.spec, adapter.tensors)
+
+    def _rpc(self, fn: Any, *args: Any) -> list[Any]:
+        return self.llm.collective_rpc(fn, args=args)
+
+    def _fresh_loras(self) -> list[Any]:
+        """New names for the same slots: vLLM's prefix cache keys on the name, not the weights."""
+        from vllm.lora.request import LoRARequest
+
+        round_ = next(self._names)
+        return [
+            LoRARequest(f"mezo-{round_}-v{k}", k + 1, self._dir.name)
+            for k in range(self.config.n_variants)
+        ]
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    def write_variants(self, writes: Sequence[tuple[int, float]]) -> None:
+        """Slot k ← θ + scaleₖ·z(seedₖ) for the k-th (seed, scale), computed from the master."""
+        if len(writes) > self.config.n_variants:
+            raise ValueError(f"{len(writes)} variants for {self.config.n_variants} slots")
+        self._rpc(_rpc_write, [(k + 1, seed, scale) for k, (seed, scale) in enumerate(writes)])
+        self._loras = self._fresh_loras()
+
+    def apply_update(self, update: Update) -> None:
+        self._rpc(_rpc_apply, update)
+
+    def master(self) -> dict[str, torch.Tensor]:
+        return self._rpc(_rpc_master)[0]
+
+    def load_master(self, adapter: LoraAdapter) -> None:
+        self._rpc(_rpc_install, adapter.spec, adapter.tensors)
+
+    def score(self, requests: Sequence[Request], variants: Sequence[int | None]) -> np.ndarray:
+        """Summed log-probs of each request's target span: shape [len(variants), len(requests)].
+
+        One engine call for all of them; variant-major order keeps each slot's tokens contiguous.
+        `None` as a variant scores the base model without any adapter.
+        """
+        from vllm.inputs import TokensPrompt
+
+        prompts, loras = [], []
+        for v in variants:
+            lora = None if v is _BASE else self._loras[v]
+            for r in requests:
+                prompts.append(TokensPrompt(prompt_token_ids=list(r.token_ids)))
+                loras.append(lora)
+        outputs = self.llm.generate(prompts, self._params, lora_request=loras, use_tqdm=False)
+        sums = np.empty(len(prompts), dtype=np.float64)
+        for i, (out, r) in enumerate(zip(outputs, itertools.cycle(requests))):
+            plp = out.prompt_logprobs
+            sums[i] = sum(plp[t][tok].logprob for t, tok in enumerate(r.token_ids) if t >= r.span_start)
+        return sums.reshape(len(variants), len(requests))
