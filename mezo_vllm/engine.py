@@ -35,6 +35,7 @@ class EngineConfig:
     n_variants: int = 2
     seed: int = 0
     kv_cache_gib: float = 1.0
+    fast: bool = True  # apply the speed-up patches (False: stock vLLM, for the benchmark)
 
 
 class _WorkerState:
@@ -92,7 +93,7 @@ class VllmEngine:
     """One vLLM `LLM`, `n_variants` LoRA slots, and the master adapter on its workers."""
 
     def __init__(self, config: EngineConfig, adapter: LoraAdapter):
-        _patches.apply_all(_patches.required())
+        _patches.apply_all(_patches.required() + (_patches.speedups() if config.fast else []))
         from vllm import LLM, SamplingParams
 
         self.config = config

@@ -41,6 +41,13 @@ def required() -> list[ModuleType]:
     return [lora_prompt_logprobs]
 
 
+def speedups() -> list[ModuleType]:
+    """The patches that make the engine fast; `fast=False` engines (the bench's stock vLLM) skip them."""
+    from . import fast_cpu_lora
+
+    return [fast_cpu_lora]
+
+
 def apply_all(modules: list[ModuleType]) -> None:
     for module in modules:
         module.apply()
