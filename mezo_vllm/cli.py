@@ -1,0 +1,178 @@
+"""`mezo-vllm`: tune, eval, export, model, tasks."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .adapter import AdapterError
+from .config import ConfigError, TuneConfig
+from .data import DataError
+from .model import ModelError
+
+_USER_ERRORS = (ConfigError, DataError, AdapterError, ModelError)
+_DEFAULTS = TuneConfig(out="")
+
+
+def _one_line_errors(fn: Callable) -> Callable:
+    """Bad input ends in one line naming what is wrong and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _USER_ERRORS as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group()
+def main() -> None:
+    """Fine-tune LoRA adapters with forward passes only (MeZO), on the vLLM engine."""
+
+
+def _targets(value: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+@main.command()
+@click.option("--task", help="built-in task (see `mezo-vllm tasks`)")
+@click.option("--data", type=click.Path(), help="training data: JSONL or CSV")
+@click.option("--eval-data", type=click.Path(), help="dev data for --data")
+@click.option("--model", help="HF model folder (safetensors); default: the embedded SmolLM2-135M-Instruct")
+@click.option("--out", type=click.Path(), help="run folder")
+@click.option("--resume", "resume_dir", type=click.Path(), help="continue the run in this folder")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out folder")
+@click.option("--targets", default=",".join(_DEFAULTS.targets), show_default=True,
+              help="LoRA target modules, comma-separated, or all-linear")
+@click.option("--rank", type=int, default=_DEFAULTS.rank, show_default=True)
+@click.option("--alpha", type=float, default=_DEFAULTS.alpha, show_default=True)
+@click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True)
+@click.option("--eps", type=float, default=_DEFAULTS.eps, show_default=True)
+@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
+@click.option("--steps", type=int, default=_DEFAULTS.steps, show_default=True)
+@click.option("--directions", type=int, default=_DEFAULTS.directions, show_default=True,
+              help="n-SPSA: average this many ±εz estimates per step (one engine call)")
+@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
+@click.option("--weight-decay", type=float, default=_DEFAULTS.weight_decay, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=_DEFAULTS.dtype, show_default=True,
+              help="the engine's dtype; the master adapter is always fp32")
+@click.option("--eval-every", type=int, default=_DEFAULTS.eval_every, show_default=True, help="0 = only before and after")
+@click.option("--eval-examples", type=int, default=_DEFAULTS.eval_examples, show_default=True,
+              help="dev examples per evaluation (0 = all)")
+@click.option("--save-every", type=int, default=_DEFAULTS.save_every, show_default=True)
+@click.option("--max-length", type=int, default=_DEFAULTS.max_length, show_default=True)
+@click.option("--overflow", type=click.Choice(["truncate", "reject"]), default=_DEFAULTS.overflow, show_default=True,
+              help="examples longer than --max-length: cut the context from the left, or drop them")
+@click.option("--stock-vllm", is_flag=True, help="run without the speed-up patches (for comparison)")
+@_one_line_errors
+def tune(resume_dir: str | None, overwrite: bool, targets: str, stock_vllm: bool, **options: Any) -> None:
+    """Train a LoRA adapter with MeZO; writes a run folder with a PEFT adapter."""
+    from .trainer import tune as run_tune
+
+    if resume_dir:
+        saved = Path(resume_dir) / "config.json"
+        if not saved.is_file():
+            raise ConfigError(f"{resume_dir}: not a run folder (no config.json)")
+        cfg = TuneConfig.from_json(json.loads(saved.read_text()))
+        steps = click.get_current_context().get_parameter_source("steps")
+        if steps is click.core.ParameterSource.COMMANDLINE:
+            cfg = TuneConfig.from_json({**cfg.to_json(), "steps": options["steps"]})
+    else:
+        if not options["out"]:
+            raise ConfigError("--out is required (or --resume RUN_DIR)")
+        cfg = TuneConfig(targets=_targets(targets), fast=not stock_vllm, **options)
+    summary = run_tune(cfg, resume=bool(resume_dir), overwrite=overwrite)
+    click.echo(f"adapter: {summary['run']}/adapter")
+    if summary["before"] and summary["after"]:
+        for key in summary["after"]:
+            if key != "step":
+                click.echo(f"dev {key}: {summary['before'][key]:.4f} before, {summary['after'][key]:.4f} after")
+
+
+@main.command("eval")
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(), help="PEFT adapter folder")
+@click.option("--task", help="built-in task")
+@click.option("--split", type=click.Choice(["dev", "test"]), default="test", show_default=True)
+@click.option("--data", type=click.Path(), help="JSONL/CSV data instead of --task")
+@click.option("--model", help="base model folder (default: the adapter's base model)")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--max-length", type=int, default=1024, show_default=True)
+@_one_line_errors
+def eval_(adapter_dir: str, task: str | None, split: str, data: str | None, model: str | None,
+          dtype: str, max_length: int) -> None:
+    """The metric of an adapter and of the base model without it, on the same data."""
+    from .adapter import LoraAdapter
+    from .data import load_file, load_task
+    from .engine import EngineConfig, VllmEngine
+    from .model import resolve_model
+    from .trainer import Split, evaluate
+
+    if (task is None) == (data is None):
+        raise ConfigError("give exactly one of --task NAME or --data FILE")
+    dataset = getattr(load_task(task), split) if task else load_file(data)
+    adapter = LoraAdapter.load(adapter_dir)
+    base = model or json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model_dir = str(resolve_model(base))
+    engine = VllmEngine(EngineConfig(model=model_dir, dtype=dtype, max_model_len=max_length, n_variants=1), adapter)
+    data_split = Split.make(dataset, engine.tokenizer, max_length, "truncate")
+    engine.write_variants([(0, 0.0)])
+    without, with_ = evaluate(engine, data_split, None), evaluate(engine, data_split, 0)
+    for key in with_:
+        click.echo(f"{dataset.name} {key}: {without[key]:.4f} without the adapter, {with_[key]:.4f} with it")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--to", "dest", required=True, type=click.Path(), help="destination folder")
+@click.option("--merge", is_flag=True, help="write a full model with the adapter merged in")
+@_one_line_errors
+def export(run_dir: str, dest: str, merge: bool) -> None:
+    """Copy a run's adapter, or merge it into its base model (a folder vLLM serves without LoRA)."""
+    from .export import merge_adapter
+
+    adapter_dir = Path(run_dir) / "adapter"
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise ConfigError(f"{run_dir}: no adapter/adapter_model.safetensors (has the run finished?)")
+    if Path(dest).exists():
+        raise ConfigError(f"{dest} exists: choose a new folder")
+    if merge:
+        merge_adapter(adapter_dir, Path(dest))
+    else:
+        shutil.copytree(adapter_dir, dest)
+    click.echo(f"wrote {dest}")
+
+
+@main.group()
+def model() -> None:
+    """The embedded default model."""
+
+
+@model.command()
+@click.option("--force", is_flag=True, help="prepare again even if it is cached")
+@_one_line_errors
+def prepare(force: bool) -> None:
+    """Dequantize the packaged SmolLM2-135M-Instruct GGUF into an HF safetensors folder."""
+    from .model import prepare_default_model
+
+    click.echo(prepare_default_model(force=force))
+
+
+@main.command()
+def tasks() -> None:
+    """The built-in tasks, with their split sizes and templates."""
+    from .data import builtin_tasks, load_task
+
+    for name in builtin_tasks():
+        s = load_task(name)
+        ex = s.train.examples[0]
+        click.echo(f"{name}: {s.train.kind}, train {len(s.train.examples)} / dev {len(s.dev.examples)} / "
+                   f"test {len(s.test.examples)}; e.g. {ex.prompt!r} → {list(ex.targets)}")

@@ -1,0 +1,221 @@
+"""The MeZO step loop: batches, seeded variants, one engine call per step, logs, eval, checkpoints.
+
+A run is a folder: `config.json`, `trajectory.jsonl` (one line per step: enough to replay it),
+`metrics.jsonl` (dev metric over steps), `checkpoint/` (adapter + step, written atomically),
+and at the end `adapter/` (PEFT format) and `curves.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from .adapter import LoraAdapter, LoraSpec, Update, model_linear_shapes, resolve_targets
+from .config import ConfigError, TuneConfig
+from .data import CLASSIFICATION, Dataset, Request, accuracy, example_losses, load_file, load_task, tokenize
+from .estimator import ZOSGD, projected_gradient
+from .model import resolve_model
+
+
+class ScoringEngine(Protocol):
+    """What the loop needs of an engine (vLLM, or the transformers reference)."""
+
+    tokenizer: Any
+    max_model_len: int
+
+    def write_variants(self, writes: Sequence[tuple[int, float]]) -> None: ...
+    def score(self, requests: Sequence[Request], variants: Sequence[int | None]) -> np.ndarray: ...
+    def apply_update(self, update: Update) -> None: ...
+    def master(self) -> dict: ...
+
+
+@dataclass
+class Split:
+    """A dataset with its requests, tokenized once for the whole run."""
+
+    dataset: Dataset
+    requests: list[Request]
+    by_example: dict[int, list[Request]]
+
+    @classmethod
+    def make(cls, dataset: Dataset, tokenizer: Any, max_len: int, overflow: str) -> "Split":
+        requests, report = tokenize(dataset.examples, tokenizer, max_len, overflow)
+        if report.truncated or report.rejected:
+            tqdm.write(f"{dataset.name}: {report.truncated} examples truncated from the left, "
+                       f"{report.rejected} rejected (longer than {max_len} tokens)")
+        by_example: dict[int, list[Request]] = {}
+        for r in requests:
+            by_example.setdefault(r.example, []).append(r)
+        if not by_example:
+            raise ConfigError(f"{dataset.name}: no example fits in {max_len} tokens")
+        return cls(dataset, requests, by_example)
+
+    def requests_of(self, examples: Sequence[int]) -> list[Request]:
+        return [r for i in examples for r in self.by_example[i]]
+
+
+def batch_loss(split: Split, requests: Sequence[Request], sums: np.ndarray) -> float:
+    counts = [len(r.token_ids) - r.span_start for r in requests]
+    losses = example_losses(split.dataset.examples, split.dataset.kind, requests, sums.tolist(), counts)
+    return float(np.mean(losses))
+
+
+def evaluate(engine: ScoringEngine, split: Split, variant: int | None) -> dict[str, float]:
+    """Accuracy for classification, mean per-token NLL for completion, under one variant."""
+    sums = engine.score(split.requests, [variant])[0]
+    if split.dataset.kind == CLASSIFICATION:
+        return {"accuracy": accuracy(split.dataset.examples, split.requests, sums.tolist())}
+    return {"nll": batch_loss(split, split.requests, sums)}
+
+
+def step_seed(run_seed: int, step: int, direction: int) -> int:
+    return (run_seed * 1_000_003 + step) * 64 + direction
+
+
+def batch_examples(run_seed: int, step: int, examples: Sequence[int], size: int) -> list[int]:
+    """A function of (seed, step) only, so a resumed run sees exactly the batches it would have."""
+    rng = np.random.default_rng([run_seed, step])
+    return [examples[i] for i in rng.choice(len(examples), size=min(size, len(examples)), replace=False)]
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_checkpoint(run: Path, adapter: LoraAdapter, base_model: str, step: int) -> None:
+    """Written under a temporary name and renamed, so a crash leaves the previous one whole."""
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=run))
+    try:
+        adapter.save(tmp / "adapter", base_model)
+        (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
+        old = run / "checkpoint"
+        if old.exists():
+            trash = run / ".checkpoint-old"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(old, trash)
+            os.replace(tmp, old)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_checkpoint(run: Path) -> tuple[LoraAdapter, int] | None:
+    folder = run / "checkpoint"
+    if not (folder / "state.json").exists():
+        return None
+    step = int(json.loads((folder / "state.json").read_text())["step"])
+    return LoraAdapter.load(folder / "adapter"), step
+
+
+def _truncate_jsonl(path: Path, below_step: int) -> None:
+    """Drop what a killed run logged after its last checkpoint: a resumed run logs it again."""
+    kept = [r for r in _read_jsonl(path) if r["step"] < below_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def load_splits(cfg: TuneConfig) -> tuple[Dataset, Dataset | None]:
+    if cfg.task is not None:
+        splits = load_task(cfg.task)
+        return splits.train, splits.dev
+    train = load_file(cfg.data)
+    dev = load_file(cfg.eval_data) if cfg.eval_data else None
+    if dev is not None and dev.kind != train.kind:
+        raise ConfigError(f"{cfg.eval_data} is {dev.kind} data but {cfg.data} is {train.kind}")
+    return train, dev
+
+
+def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Run (or continue) MeZO-LoRA training; returns the summary also printed at the end."""
+    cfg.validate()
+    run = Path(cfg.out)
+    if run.exists() and any(run.iterdir()) and not (resume or overwrite):
+        raise ConfigError(f"{run} exists: pass --resume to continue it or --overwrite to replace it")
+    if overwrite and not resume and run.exists():
+        shutil.rmtree(run)
+    train_set, dev_set = load_splits(cfg)
+    model_dir = str(resolve_model(cfg.model))
+    shapes = model_linear_shapes(model_dir)
+    spec = LoraSpec(r=cfg.rank, alpha=cfg.alpha, targets=resolve_targets(cfg.targets, shapes))
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
+
+    checkpoint = load_checkpoint(run) if resume else None
+    adapter, start = checkpoint if checkpoint else (LoraAdapter.init(spec, shapes, cfg.seed), 0)
+    if checkpoint and adapter.spec != spec:
+        raise ConfigError(f"{run}/checkpoint has adapter {adapter.spec}, the config asks for {spec}")
+    for name in ("trajectory.jsonl", "metrics.jsonl"):
+        _truncate_jsonl(run / name, start)
+
+    from .engine import EngineConfig, VllmEngine
+
+    engine = VllmEngine(EngineConfig(model=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_length,
+                                     n_variants=2 * cfg.directions, seed=cfg.seed, fast=cfg.fast), adapter)
+    train = Split.make(train_set, engine.tokenizer, cfg.max_length, cfg.overflow)
+    dev = Split.make(dev_set, engine.tokenizer, cfg.max_length, cfg.overflow) if dev_set else None
+    if dev is not None and cfg.eval_examples:
+        keep = sorted(dev.by_example)[: cfg.eval_examples]
+        dev = Split(dev.dataset, dev.requests_of(keep), {i: dev.by_example[i] for i in keep})
+
+    def dev_metrics(step: int) -> dict[str, float]:
+        engine.write_variants([(0, 0.0)])
+        metrics = {"step": step, **evaluate(engine, dev, 0)}
+        _append_jsonl(run / "metrics.jsonl", metrics)
+        tqdm.write(f"step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
+        return metrics
+
+    first = dev_metrics(0) if dev is not None and start == 0 else None
+    estimator = ZOSGD(cfg.lr, cfg.weight_decay)
+    examples = sorted(train.by_example)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="MeZO", unit="step")
+    for step in bar:
+        t0 = time.perf_counter()
+        requests = train.requests_of(batch_examples(cfg.seed, step, examples, cfg.batch_size))
+        seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.directions)]
+        engine.write_variants([(s, sign * cfg.eps) for s in seeds for sign in (1.0, -1.0)])
+        sums = engine.score(requests, list(range(2 * cfg.directions)))
+        losses = [batch_loss(train, requests, row) for row in sums]
+        grads = [projected_gradient(losses[2 * k], losses[2 * k + 1], cfg.eps) for k in range(cfg.directions)]
+        engine.apply_update(estimator.update(seeds, grads))
+        loss = float(np.mean(losses))
+        record = {"step": step, "seed": seeds[0], "g": grads[0], "loss_plus": losses[0],
+                  "loss_minus": losses[1], "lr": cfg.lr}
+        if cfg.directions > 1:
+            record.update(seeds=seeds, grads=grads)
+        _append_jsonl(run / "trajectory.jsonl", record)
+        tokens = sum(len(r.token_ids) for r in requests) * sums.shape[0]
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        done = step + 1
+        if dev is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            dev_metrics(done)
+        if cfg.save_every and done % cfg.save_every == 0:
+            save_checkpoint(run, LoraAdapter(spec, engine.master()), model_dir, done)
+    bar.close()
+
+    final = LoraAdapter(spec, engine.master())
+    save_checkpoint(run, final, model_dir, cfg.steps)
+    final.save(run / "adapter", model_dir)
+    last = dev_metrics(cfg.steps) if dev is not None else None
+    from .plots import plot_curves
+
+    plot_curves(run)
+    return {"run": str(run), "before": first, "after": last}
