@@ -25,6 +25,7 @@ from .adapter import LoraAdapter, Update
 from .data import Request
 
 _BASE = None  # variant index meaning "the base model, no adapter"
+_DISK_ADAPTER_ID = 1_000_000  # the spare slot's adapter id; variant k uses id k + 1
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,8 @@ class VllmEngine:
             dtype=config.dtype,
             max_model_len=config.max_model_len,
             enable_lora=True,
-            max_loras=config.n_variants,
-            max_cpu_loras=config.n_variants,
+            max_loras=config.n_variants + 1,  # + one slot for adapters read from disk
+            max_cpu_loras=config.n_variants + 1,
             max_lora_rank=adapter.spec.r,
             seed=config.seed,
             kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)),
@@ -150,17 +151,41 @@ class VllmEngine:
     def load_master(self, adapter: LoraAdapter) -> None:
         self._rpc(_rpc_install, adapter.spec, adapter.tensors)
 
+    def score_from_disk(self, adapter_dir: str, requests: Sequence[Request]) -> np.ndarray:
+        """Score with a PEFT folder loaded by vLLM itself (`LoRARequest`), in the spare slot.
+
+        The adapter is removed afterwards, so the variant slots are never evicted.
+        """
+        from vllm.lora.request import LoRARequest
+
+        lora = LoRARequest(f"disk-{next(self._names)}", _DISK_ADAPTER_ID, adapter_dir)
+        try:
+            return self._score_with(requests, [lora])[0]
+        finally:
+            self.llm.llm_engine.remove_lora(_DISK_ADAPTER_ID)
+
+    def greedy(self, prompts: Sequence[str], max_tokens: int, variant: int | None = _BASE) -> list[str]:
+        """Greedy continuations, e.g. to check a model or to evaluate generation tasks."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        lora = None if variant is _BASE else self._loras[variant]
+        outputs = self.llm.generate(list(prompts), params, lora_request=lora, use_tqdm=False)
+        return [o.outputs[0].text for o in outputs]
+
     def score(self, requests: Sequence[Request], variants: Sequence[int | None]) -> np.ndarray:
         """Summed log-probs of each request's target span: shape [len(variants), len(requests)].
 
         One engine call for all of them; variant-major order keeps each slot's tokens contiguous.
         `None` as a variant scores the base model without any adapter.
         """
+        return self._score_with(requests, [None if v is _BASE else self._loras[v] for v in variants])
+
+    def _score_with(self, requests: Sequence[Request], variant_loras: Sequence[Any]) -> np.ndarray:
         from vllm.inputs import TokensPrompt
 
         prompts, loras = [], []
-        for v in variants:
-            lora = None if v is _BASE else self._loras[v]
+        for lora in variant_loras:
             for r in requests:
                 prompts.append(TokensPrompt(prompt_token_ids=list(r.token_ids)))
                 loras.append(lora)
@@ -169,4 +194,4 @@ class VllmEngine:
         for i, (out, r) in enumerate(zip(outputs, itertools.cycle(requests))):
             plp = out.prompt_logprobs
             sums[i] = sum(plp[t][tok].logprob for t, tok in enumerate(r.token_ids) if t >= r.span_start)
-        return sums.reshape(len(variants), len(requests))
+        return sums.reshape(len(variant_loras), len(requests))
