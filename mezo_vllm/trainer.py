@@ -37,6 +37,7 @@ class ScoringEngine(Protocol):
     def score(self, requests: Sequence[Request], variants: Sequence[int | None]) -> np.ndarray: ...
     def apply_update(self, update: Update) -> None: ...
     def master(self) -> dict: ...
+    def load_master(self, adapter: LoraAdapter) -> None: ...
 
 
 @dataclass
@@ -144,8 +145,13 @@ def load_splits(cfg: TuneConfig) -> tuple[Dataset, Dataset | None]:
     return train, dev
 
 
-def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """Run (or continue) MeZO-LoRA training; returns the summary also printed at the end."""
+def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
+         engine: ScoringEngine | None = None) -> dict[str, Any]:
+    """Run (or continue) MeZO-LoRA training; returns the summary also printed at the end.
+
+    `engine`: an already running engine of the same model (tests, sweeps), given the run's
+    adapter with `load_master`; by default a vLLM engine is started for the run.
+    """
     cfg.validate()
     run = Path(cfg.out)
     if run.exists() and any(run.iterdir()) and not (resume or overwrite):
@@ -166,10 +172,13 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False) -> dict
     for name in ("trajectory.jsonl", "metrics.jsonl"):
         _truncate_jsonl(run / name, start)
 
-    from .engine import EngineConfig, VllmEngine
+    if engine is None:
+        from .engine import EngineConfig, VllmEngine
 
-    engine = VllmEngine(EngineConfig(model=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_length,
-                                     n_variants=2 * cfg.directions, seed=cfg.seed, fast=cfg.fast), adapter)
+        engine = VllmEngine(EngineConfig(model=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_length,
+                                         n_variants=2 * cfg.directions, seed=cfg.seed, fast=cfg.fast), adapter)
+    else:
+        engine.load_master(adapter)
     train = Split.make(train_set, engine.tokenizer, cfg.max_length, cfg.overflow)
     dev = Split.make(dev_set, engine.tokenizer, cfg.max_length, cfg.overflow) if dev_set else None
     if dev is not None and cfg.eval_examples:

@@ -14,7 +14,9 @@ the batch it covers, and `add_lora_logits` takes those rows' per-token slot indi
 (`token_lora_indices`, the same ones the decoder layers use). `add_lora_logits` then adds the
 LoRA with one matmul pair per slot present, skipping rows without an adapter and slots whose
 lm_head LoRA is zero (adapters that do not target lm_head, the usual case). Everything else is
-upstream's code.
+upstream's code. Other patches that call `compute_logits` on rows of the batch that are not
+contiguous (`span_logprobs`: the target rows of every request at once) say which rows with
+`batch_rows(index_tensor)`.
 
 Written for vLLM 0.32.0.
 """
@@ -22,7 +24,8 @@ Written for vLLM 0.32.0.
 from __future__ import annotations
 
 import contextvars
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -31,9 +34,21 @@ from . import check_version, mark_applied
 SUPPORTED = ("0.32.0",)
 NAME = "lora_prompt_logprobs"
 
-_rows: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+# Which rows of the step's batch a `compute_logits` call covers: (first row, count) for a
+# contiguous run, or a 1-D index tensor; None (the sampler's call) means one row per request.
+_rows: contextvars.ContextVar[tuple[int, int] | torch.Tensor | None] = contextvars.ContextVar(
     "mezo_vllm_logits_rows", default=None
 )
+
+
+@contextmanager
+def batch_rows(rows: tuple[int, int] | torch.Tensor) -> Iterator[None]:
+    """`compute_logits` calls inside cover these rows of the step's batch (for the lm_head LoRA)."""
+    token = _rows.set(rows)
+    try:
+        yield
+    finally:
+        _rows.reset(token)
 
 
 def add_lora_per_slot(
@@ -69,6 +84,8 @@ def _add_lora_logits(
     rows = _rows.get()
     if rows is None:
         indices = self.sampler_indices
+    elif isinstance(rows, torch.Tensor):
+        indices = self.token_lora_indices[rows]
     else:
         start, count = rows
         indices = self.token_lora_indices[start : start + count]
@@ -86,11 +103,8 @@ def _wrap_prompt_logprobs(original: Any) -> Any:
 
         def compute_logits_of_rows(rows_h: torch.Tensor, *a: Any, **k: Any) -> Any:
             start = (rows_h.storage_offset() - base) // stride
-            token = _rows.set((start, rows_h.shape[0]))
-            try:
+            with batch_rows((start, rows_h.shape[0])):
                 return compute_logits(rows_h, *a, **k)
-            finally:
-                _rows.reset(token)
 
         model.compute_logits = compute_logits_of_rows
         try:

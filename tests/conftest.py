@@ -47,7 +47,3 @@ def random_adapter(initial_adapter: LoraAdapter) -> LoraAdapter:
                for k, v in initial_adapter.tensors.items()}
     return LoraAdapter(initial_adapter.spec, tensors)
 
-
-def write_jsonl(path: Path, lines: list[str]) -> Path:
-    path.write_text("\n".join(lines) + "\n")
-    return path

@@ -1,0 +1,77 @@
+"""End-to-end MeZO runs on SST-2 with the shared engine (slow: deselect with -m 'not slow')."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mezo_vllm.config import TuneConfig
+from mezo_vllm.trainer import tune
+
+pytestmark = pytest.mark.slow
+
+STEPS = 30
+
+
+def _run(tmp_path, name, engine, **overrides):
+    cfg = TuneConfig(out=str(tmp_path / name), task="sst2", steps=STEPS, lr=5e-3, eps=1e-2,
+                     eval_every=0, save_every=10, **overrides)
+    tune(cfg, engine=engine)
+    return tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, engine_fp32):
+    return _run(tmp_path_factory.mktemp("tune"), "a", engine_fp32)
+
+
+def _trajectory(run):
+    return [json.loads(line) for line in (run / "trajectory.jsonl").read_text().splitlines()]
+
+
+def test_training_lowers_the_loss(run_dir):
+    losses = [(r["loss_plus"] + r["loss_minus"]) / 2 for r in _trajectory(run_dir)]
+    assert len(losses) == STEPS
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+def test_same_seed_same_trajectory(run_dir, tmp_path, engine_fp32):
+    again = _run(tmp_path, "b", engine_fp32)
+    assert (again / "trajectory.jsonl").read_text() == (run_dir / "trajectory.jsonl").read_text()
+
+
+def test_run_folder(run_dir):
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "config.json",
+                 "metrics.jsonl", "curves.png", "checkpoint/state.json"):
+        assert (run_dir / name).is_file(), name
+    record = _trajectory(run_dir)[0]
+    assert set(record) == {"step", "seed", "g", "loss_plus", "loss_minus", "lr"}
+    assert record["g"] == pytest.approx((record["loss_plus"] - record["loss_minus"]) / 2e-2)
+
+
+def test_tuned_adapter_loads_in_peft_and_vllm_alike(run_dir, engine_fp32, tokenizer, model_dir):
+    """The adapter `tune` wrote, read by vLLM (LoRARequest) and by PEFT on transformers."""
+    from mezo_vllm.adapter import LoraAdapter
+    from mezo_vllm.data import Request
+    from mezo_vllm.reference import ReferenceEngine
+
+    texts = ["a gorgeous, witty, seductive movie. It was great", "The weather today is cold and wet"]
+    requests = [Request(i, 0, tuple(tokenizer(t)["input_ids"]), 2) for i, t in enumerate(texts)]
+    adapter = LoraAdapter.load(run_dir / "adapter")
+    assert any(v.abs().max() > 0 for k, v in adapter.tensors.items() if "lora_B" in k)
+    vllm_scores = engine_fp32.score_from_disk(str(run_dir / "adapter"), requests)
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(run_dir / "adapter"))
+    for r, score in zip(requests, vllm_scores):
+        with torch.no_grad():
+            logits = peft_model(input_ids=torch.tensor([r.token_ids])).logits[0].float()
+        lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(r.token_ids[1:])[:, None])[:, 0]
+        assert abs(lp[r.span_start - 1 :].sum().item() - score) < 1e-3
+    base = ReferenceEngine(model_dir, adapter).score(requests, [None])[0]
+    assert np.abs(base - vllm_scores).max() > 1e-4  # the tuned adapter changed the scores
