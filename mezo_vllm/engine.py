@@ -110,7 +110,10 @@ class VllmEngine:
             kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)),
         )
         self.tokenizer = self.llm.get_tokenizer()
+        # fast=False scores with upstream's prompt log-probs (the benchmark's stock vLLM); fast=True
+        # with patches.span_logprobs, one SamplingParams per request (its span rides in extra_args).
         self._params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        self._span_keys = itertools.count()
         self._dir = tempfile.TemporaryDirectory(prefix="mezo-vllm-slots-")
         adapter.save(self._dir.name, base_model=config.model)
         self._names = itertools.count()
@@ -179,19 +182,48 @@ class VllmEngine:
         One engine call for all of them; variant-major order keeps each slot's tokens contiguous.
         `None` as a variant scores the base model without any adapter.
         """
-        return self._score_with(requests, [None if v is _BASE else self._loras[v] for v in variants])
+        if self.config.fast:
+            return self._score_spans(requests, variants)
+        return self._score_prompt_logprobs(requests, variants)
 
-    def _score_with(self, requests: Sequence[Request], variant_loras: Sequence[Any]) -> np.ndarray:
+    def _prompts(
+        self, requests: Sequence[Request], variants: Sequence[int | None]
+    ) -> tuple[list[Any], list[Any]]:
+        """Every request under every variant, variant-major: (TokensPrompts, LoRARequests)."""
         from vllm.inputs import TokensPrompt
 
         prompts, loras = [], []
-        for lora in variant_loras:
+        for v in variants:
+            lora = None if v is _BASE else self._loras[v]
             for r in requests:
                 prompts.append(TokensPrompt(prompt_token_ids=list(r.token_ids)))
                 loras.append(lora)
+        return prompts, loras
+
+    def _score_spans(self, requests: Sequence[Request], variants: Sequence[int | None]) -> np.ndarray:
+        """`score` through patches.span_logprobs: log-probs of the target rows only."""
+        from .patches import span_logprobs
+
+        prompts, loras = self._prompts(requests, variants)
+        keys = [next(self._span_keys) for _ in prompts]
+        params = [
+            span_logprobs.span_params(r.span_start, key)
+            for key, r in zip(keys, itertools.cycle(requests))
+        ]
+        try:
+            self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+        finally:
+            results = self._rpc(span_logprobs.take)  # also clears what a failed call left
+        return span_logprobs.sums(results, keys).reshape(len(variants), len(requests))
+
+    def _score_prompt_logprobs(
+        self, requests: Sequence[Request], variants: Sequence[int | None]
+    ) -> np.ndarray:
+        """`score` through upstream's prompt log-probs (every prompt position, full vocabulary)."""
+        prompts, loras = self._prompts(requests, variants)
         outputs = self.llm.generate(prompts, self._params, lora_request=loras, use_tqdm=False)
         sums = np.empty(len(prompts), dtype=np.float64)
         for i, (out, r) in enumerate(zip(outputs, itertools.cycle(requests))):
             plp = out.prompt_logprobs
             sums[i] = sum(plp[t][tok].logprob for t, tok in enumerate(r.token_ids) if t >= r.span_start)
-        return sums.reshape(len(variant_loras), len(requests))
+        return sums.reshape(len(variants), len(requests))

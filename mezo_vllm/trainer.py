@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -79,6 +79,20 @@ def evaluate(engine: ScoringEngine, split: Split, variant: int | None) -> dict[s
     return {"nll": batch_loss(split, split.requests, sums)}
 
 
+def mezo_step(engine: ScoringEngine, split: Split, requests: Sequence[Request], seeds: Sequence[int],
+              eps: float, estimator: ZOSGD) -> tuple[list[float], list[float]]:
+    """One MeZO step: ±εz(seed) variants in their slots, one scoring call, g, seeded update.
+
+    Returns the losses (+, − per direction) and the projected gradients g, one per direction.
+    """
+    engine.write_variants([(seed, sign * eps) for seed in seeds for sign in (1.0, -1.0)])
+    sums = engine.score(requests, list(range(2 * len(seeds))))
+    losses = [batch_loss(split, requests, row) for row in sums]
+    grads = [projected_gradient(losses[2 * k], losses[2 * k + 1], eps) for k in range(len(seeds))]
+    engine.apply_update(estimator.update(seeds, grads))
+    return losses, grads
+
+
 def step_seed(run_seed: int, step: int, direction: int) -> int:
     return (run_seed * 1_000_003 + step) * 64 + direction
 
@@ -128,9 +142,9 @@ def load_checkpoint(run: Path) -> tuple[LoraAdapter, int] | None:
     return LoraAdapter.load(folder / "adapter"), step
 
 
-def _truncate_jsonl(path: Path, below_step: int) -> None:
+def _truncate_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
     """Drop what a killed run logged after its last checkpoint: a resumed run logs it again."""
-    kept = [r for r in _read_jsonl(path) if r["step"] < below_step]
+    kept = [r for r in _read_jsonl(path) if keep(r)]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
@@ -169,8 +183,8 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
     adapter, start = checkpoint if checkpoint else (LoraAdapter.init(spec, shapes, cfg.seed), 0)
     if checkpoint and adapter.spec != spec:
         raise ConfigError(f"{run}/checkpoint has adapter {adapter.spec}, the config asks for {spec}")
-    for name in ("trajectory.jsonl", "metrics.jsonl"):
-        _truncate_jsonl(run / name, start)
+    _truncate_jsonl(run / "trajectory.jsonl", lambda r: r["step"] < start)  # step = the step taken
+    _truncate_jsonl(run / "metrics.jsonl", lambda r: r["step"] <= start)  # step = steps done
 
     if engine is None:
         from .engine import EngineConfig, VllmEngine
@@ -192,7 +206,10 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
         tqdm.write(f"step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
         return metrics
 
-    first = dev_metrics(0) if dev is not None and start == 0 else None
+    if dev is not None and start == 0:
+        first = dev_metrics(0)
+    else:
+        first = next((m for m in _read_jsonl(run / "metrics.jsonl") if m["step"] == 0), None)
     estimator = ZOSGD(cfg.lr, cfg.weight_decay)
     examples = sorted(train.by_example)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="MeZO", unit="step")
@@ -200,18 +217,14 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
         t0 = time.perf_counter()
         requests = train.requests_of(batch_examples(cfg.seed, step, examples, cfg.batch_size))
         seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.directions)]
-        engine.write_variants([(s, sign * cfg.eps) for s in seeds for sign in (1.0, -1.0)])
-        sums = engine.score(requests, list(range(2 * cfg.directions)))
-        losses = [batch_loss(train, requests, row) for row in sums]
-        grads = [projected_gradient(losses[2 * k], losses[2 * k + 1], cfg.eps) for k in range(cfg.directions)]
-        engine.apply_update(estimator.update(seeds, grads))
+        losses, grads = mezo_step(engine, train, requests, seeds, cfg.eps, estimator)
         loss = float(np.mean(losses))
         record = {"step": step, "seed": seeds[0], "g": grads[0], "loss_plus": losses[0],
                   "loss_minus": losses[1], "lr": cfg.lr}
         if cfg.directions > 1:
             record.update(seeds=seeds, grads=grads)
         _append_jsonl(run / "trajectory.jsonl", record)
-        tokens = sum(len(r.token_ids) for r in requests) * sums.shape[0]
+        tokens = sum(len(r.token_ids) for r in requests) * len(losses)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
         done = step + 1
         if dev is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:

@@ -1,0 +1,218 @@
+"""Target-span log-probs: log p(token) for the target span of a prompt only (vLLM 0.32.0).
+
+Upstream: the only way to score a prompt on the V1 runner is `prompt_logprobs=0`.
+`GPUModelRunner._get_prompt_logprobs_dict` then runs, request by request, the lm_head and a
+full-vocabulary log_softmax over *every* prompt position, builds `LogprobsTensors` for the whole
+prompt, and the output processor turns them into one dict per position. MeZO only needs the
+summed log-prob of a short target span at the end of the prompt: for SmolLM2-135M this work is
+~22% of a bf16 scoring call. Such requests also never read the prefix cache
+(`SamplingParams.skip_reading_prefix_cache` defaults to True with prompt log-probs), because
+cached positions get no log-prob. (V2's `prompt_logprob_start` does suffix-only scoring, but V2
+needs Triton, so it does not run on CPU.)
+
+Change: a request marks its span with `SamplingParams.extra_args` (`span_params()` builds the
+params: `{START: first target index, KEY: a caller's id}`, no prompt log-probs, one greedy token,
+no detokenization). After each model step, the wrapped `_get_prompt_logprobs_dict` collects,
+for every scheduled request with a span, the span rows that this step computed (row i predicts
+token i+1; span rows are start-1 .. len-2; with chunked prefill a prompt spans several steps,
+each from `request.num_computed_tokens`), runs the lm_head once over all those rows of all
+requests (with each row's own lm_head LoRA slot, via `lora_prompt_logprobs.batch_rows`), takes
+an fp32 log_softmax as upstream does (`Sampler.compute_logprobs`) and gathers the actual next
+token. The per-token values land in a per-runner dict keyed by the caller's id, one slot per
+target token: a row computed again (a preempted request recomputes its prompt) overwrites its
+value, and a row never computed stays NaN, which `take()` reports as an error (e.g. a prefix
+cache hit that covered span rows). The caller fetches and clears the dict with
+`LLM.collective_rpc(take)` after `generate`. Requests without the mark take upstream's path
+unchanged; `logprobs_mode` is ignored for span rows (always normalised log-probs).
+
+Keying by the caller's id, not by the request id, keeps the caller independent of how vLLM
+renames requests: `InputProcessor.assign_request_id` makes the runner's id
+`f"{LLM-level id}-{8 random chars}"` (unless `VLLM_DISABLE_REQUEST_ID_RANDOMIZATION`).
+
+Written for vLLM 0.32.0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from . import check_version, lora_prompt_logprobs, mark_applied
+
+SUPPORTED = ("0.32.0",)
+NAME = "span_logprobs"
+
+START = "mezo_span_start"  # extra_args: index in the prompt of the first target token
+KEY = "mezo_span_key"  # extra_args: the caller's id for the request's result
+MAX_ROWS = 1024  # span rows per lm_head call: bounds the [rows, vocab] fp32 log-prob buffer
+
+
+class SpanError(RuntimeError):
+    """A span request whose target rows were not all computed (or a malformed span)."""
+
+
+def span_params(span_start: int, key: int, *, read_prefix_cache: bool = False) -> Any:
+    """SamplingParams for a span request: one greedy token, no prompt log-probs, no detokenizing.
+
+    The prefix cache is not read by default: a cached prefix must never cover span rows (they
+    would not be computed). `prefix_sharing` reads it with the hit capped below the span.
+    """
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=1,
+        temperature=0.0,
+        detokenize=False,
+        skip_reading_prefix_cache=not read_prefix_cache,
+        extra_args={START: int(span_start), KEY: int(key)},
+    )
+
+
+def span_of(sampling_params: Any) -> tuple[int, int] | None:
+    """(span start, key) of a span request's SamplingParams, None for any other request."""
+    extra = getattr(sampling_params, "extra_args", None)
+    if not extra or START not in extra:
+        return None
+    return extra[START], extra[KEY]
+
+
+def chunk_span_rows(
+    num_computed: int, num_scheduled: int, num_prompt: int, span_start: int
+) -> tuple[int, int]:
+    """Prompt rows [lo, hi) of this step's chunk that predict a target token (hi ≤ lo: none).
+
+    The chunk computes positions num_computed .. num_computed+num_scheduled-1; position i's
+    logits predict token i+1, so the span rows are span_start-1 .. num_prompt-2.
+    """
+    lo = max(num_computed, span_start - 1)
+    hi = min(num_computed + num_scheduled, num_prompt - 1)
+    return lo, hi
+
+
+@dataclass
+class _Rows:
+    """This step's span rows, gathered over all span requests."""
+
+    batch_rows: list[int]  # row of the step's hidden states
+    targets: list[int]  # the token each row predicts
+    dest: list[tuple[np.ndarray, int, int]]  # (values array, first index, count), in row order
+
+
+def _collect(runner: Any, num_scheduled_tokens: dict[str, int], store: dict) -> _Rows:
+    rows = _Rows([], [], [])
+    query_start = runner.query_start_loc.np
+    index_of = runner.input_batch.req_id_to_index
+    for req_id, n in num_scheduled_tokens.items():
+        request = runner.requests.get(req_id)
+        span = None if request is None else span_of(request.sampling_params)
+        if span is None:
+            continue
+        start, key = span
+        ids = request.prompt_token_ids
+        if ids is None or not 1 <= start < len(ids):
+            raise SpanError(f"span start {start} outside 1..{0 if ids is None else len(ids) - 1}")
+        values = store.get(key)
+        if values is None:
+            values = store[key] = np.full(len(ids) - start, np.nan)
+        c0 = request.num_computed_tokens
+        lo, hi = chunk_span_rows(c0, n, len(ids), start)
+        if hi <= lo:
+            continue
+        first = int(query_start[index_of[req_id]]) + lo - c0
+        rows.batch_rows.extend(range(first, first + hi - lo))
+        rows.targets.extend(ids[lo + 1 : hi + 1])
+        rows.dest.append((values, lo - (start - 1), hi - lo))
+    return rows
+
+
+def span_logprobs(
+    compute_logits: Any, hidden_states: torch.Tensor, batch_rows: list[int], targets: list[int],
+    max_rows: int = MAX_ROWS,
+) -> np.ndarray:
+    """log p(target) of each listed row, fp32 log_softmax over the full vocabulary (float64 out).
+
+    One `compute_logits` call per `max_rows` rows, each told which batch rows it covers.
+    """
+    out = np.empty(len(batch_rows), dtype=np.float64)
+    device = hidden_states.device
+    for s in range(0, len(batch_rows), max_rows):
+        idx = torch.tensor(batch_rows[s : s + max_rows], dtype=torch.long, device=device)
+        tgt = torch.tensor(targets[s : s + max_rows], dtype=torch.long, device=device)
+        with lora_prompt_logprobs.batch_rows(idx):
+            logits = compute_logits(hidden_states.index_select(0, idx))
+        if logits is None:  # not the last pipeline stage
+            continue
+        logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
+        out[s : s + len(idx)] = logprobs.gather(1, tgt[:, None])[:, 0].double().cpu().numpy()
+    return out
+
+
+def _store_of(runner: Any) -> dict[int, np.ndarray]:
+    store = getattr(runner, "_mezo_span_logprobs", None)
+    if store is None:
+        store = runner._mezo_span_logprobs = {}
+    return store
+
+
+def score_step(runner: Any, hidden_states: torch.Tensor, num_scheduled_tokens: dict[str, int]) -> None:
+    """Compute and store the span log-probs of this step's chunk of every span request."""
+    store = _store_of(runner)
+    rows = _collect(runner, num_scheduled_tokens, store)
+    if not rows.batch_rows:
+        return
+    values = span_logprobs(runner.model.compute_logits, hidden_states, rows.batch_rows, rows.targets)
+    at = 0
+    for dest, first, count in rows.dest:
+        dest[first : first + count] = values[at : at + count]
+        at += count
+
+
+def take(worker: Any) -> dict[int, np.ndarray]:
+    """`collective_rpc` target: the per-target-token log-probs of every finished span request
+    since the last call, by key, and forget them. Raises SpanError if a row was never computed."""
+    runner = getattr(worker, "worker", worker).model_runner
+    store = _store_of(runner)
+    runner._mezo_span_logprobs = {}
+    missing = [key for key, values in store.items() if np.isnan(values).any()]
+    if missing:
+        raise SpanError(
+            f"{len(missing)} span request(s) (keys {missing[:3]}) have target tokens whose "
+            "log-prob was never computed (a prefix-cache hit over the span, or an aborted request)"
+        )
+    return store
+
+
+def sums(results: Iterable[dict[int, np.ndarray]], keys: Iterable[int]) -> np.ndarray:
+    """Summed span log-prob for each key, from the first worker that has it."""
+    merged: dict[int, np.ndarray] = {}
+    for result in results:
+        for key, values in result.items():
+            merged.setdefault(key, values)
+    keys = list(keys)
+    lost = [k for k in keys if k not in merged]
+    if lost:
+        raise SpanError(f"no span log-probs came back for {len(lost)} request(s) (keys {lost[:3]})")
+    return np.array([merged[k].sum() for k in keys], dtype=np.float64)
+
+
+def _wrap(original: Any) -> Any:
+    def _get_prompt_logprobs_dict(
+        self: Any, hidden_states: torch.Tensor, num_scheduled_tokens: dict[str, int], *args: Any,
+        **kwargs: Any,
+    ):
+        score_step(self, hidden_states, num_scheduled_tokens)
+        return original(self, hidden_states, num_scheduled_tokens, *args, **kwargs)
+
+    return _get_prompt_logprobs_dict
+
+
+def apply() -> None:
+    check_version(NAME, SUPPORTED)
+    lora_prompt_logprobs.apply()  # per-row lm_head LoRA slots for `batch_rows`
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if mark_applied(GPUModelRunner, NAME):
+        GPUModelRunner._get_prompt_logprobs_dict = _wrap(GPUModelRunner._get_prompt_logprobs_dict)
