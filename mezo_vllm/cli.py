@@ -176,3 +176,15 @@ def tasks() -> None:
         ex = s.train.examples[0]
         click.echo(f"{name}: {s.train.kind}, train {len(s.train.examples)} / dev {len(s.dev.examples)} / "
                    f"test {len(s.test.examples)}; e.g. {ex.prompt!r} → {list(ex.targets)}")
+
+
+@main.command()
+@click.option("--out", type=click.Path(), default="runs/bench", show_default=True)
+@click.option("--steps", type=int, default=5, show_default=True, help="timed MeZO steps per workload")
+def bench(out: str, steps: int) -> None:
+    """transformers+PEFT vs stock vLLM vs patched vLLM: a table of ratios, JSON and a PNG."""
+    from .bench import format_table, run_bench
+
+    results = run_bench(Path(out), steps, echo=click.echo)
+    click.echo(format_table(results))
+    click.echo(f"wrote {out}/bench.json and {out}/bench.png")

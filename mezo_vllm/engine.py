@@ -182,29 +182,40 @@ class VllmEngine:
         One engine call for all of them; variant-major order keeps each slot's tokens contiguous.
         `None` as a variant scores the base model without any adapter.
         """
-        if self.config.fast:
-            return self._score_spans(requests, variants)
-        return self._score_prompt_logprobs(requests, variants)
+        return self._score_with(requests, self._variant_loras(variants))
 
+    def _variant_loras(self, variants: Sequence[int | None]) -> list[Any]:
+        return [None if v is _BASE else self._loras[v] for v in variants]
+
+    def _score_with(self, requests: Sequence[Request], variant_loras: Sequence[Any]) -> np.ndarray:
+        """`score` with explicit LoRARequests (None: the base model), one row per LoRA.
+
+        fast=True: patches.span_logprobs (target rows only); fast=False: upstream's prompt
+        log-probs (the benchmark's stock vLLM). Both give the same sums up to rounding.
+        """
+        if self.config.fast:
+            return self._score_spans(requests, variant_loras)
+        return self._score_prompt_logprobs(requests, variant_loras)
+
+    @staticmethod
     def _prompts(
-        self, requests: Sequence[Request], variants: Sequence[int | None]
+        requests: Sequence[Request], variant_loras: Sequence[Any]
     ) -> tuple[list[Any], list[Any]]:
-        """Every request under every variant, variant-major: (TokensPrompts, LoRARequests)."""
+        """Every request under every LoRA, LoRA-major: (TokensPrompts, LoRARequests)."""
         from vllm.inputs import TokensPrompt
 
         prompts, loras = [], []
-        for v in variants:
-            lora = None if v is _BASE else self._loras[v]
+        for lora in variant_loras:
             for r in requests:
                 prompts.append(TokensPrompt(prompt_token_ids=list(r.token_ids)))
                 loras.append(lora)
         return prompts, loras
 
-    def _score_spans(self, requests: Sequence[Request], variants: Sequence[int | None]) -> np.ndarray:
-        """`score` through patches.span_logprobs: log-probs of the target rows only."""
+    def _score_spans(self, requests: Sequence[Request], variant_loras: Sequence[Any]) -> np.ndarray:
+        """Score through patches.span_logprobs: the lm_head runs on the target rows only."""
         from .patches import span_logprobs
 
-        prompts, loras = self._prompts(requests, variants)
+        prompts, loras = self._prompts(requests, variant_loras)
         keys = [next(self._span_keys) for _ in prompts]
         params = [
             span_logprobs.span_params(r.span_start, key)
@@ -213,17 +224,17 @@ class VllmEngine:
         try:
             self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
         finally:
-            results = self._rpc(span_logprobs.take)  # also clears what a failed call left
-        return span_logprobs.sums(results, keys).reshape(len(variants), len(requests))
+            results = self._rpc(span_logprobs.take)  # also clears what a failed call left behind
+        return span_logprobs.sums(results, keys).reshape(len(variant_loras), len(requests))
 
     def _score_prompt_logprobs(
-        self, requests: Sequence[Request], variants: Sequence[int | None]
+        self, requests: Sequence[Request], variant_loras: Sequence[Any]
     ) -> np.ndarray:
-        """`score` through upstream's prompt log-probs (every prompt position, full vocabulary)."""
-        prompts, loras = self._prompts(requests, variants)
+        """Score through upstream's prompt log-probs (every prompt position, full vocabulary)."""
+        prompts, loras = self._prompts(requests, variant_loras)
         outputs = self.llm.generate(prompts, self._params, lora_request=loras, use_tqdm=False)
         sums = np.empty(len(prompts), dtype=np.float64)
         for i, (out, r) in enumerate(zip(outputs, itertools.cycle(requests))):
             plp = out.prompt_logprobs
             sums[i] = sum(plp[t][tok].logprob for t, tok in enumerate(r.token_ids) if t >= r.span_start)
-        return sums.reshape(len(variants), len(requests))
+        return sums.reshape(len(variant_loras), len(requests))
