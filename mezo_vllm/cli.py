@@ -15,6 +15,7 @@ from .adapter import AdapterError
 from .config import ConfigError, TuneConfig
 from .data import DataError
 from .model import ModelError
+from .trainer import TrainingStopped
 
 _USER_ERRORS = (ConfigError, DataError, AdapterError, ModelError)
 _DEFAULTS = TuneConfig(out="")
@@ -30,6 +31,9 @@ def _one_line_errors(fn: Callable) -> Callable:
         except _USER_ERRORS as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except TrainingStopped as e:
+            click.echo(f"stopped: {e}", err=True)
+            sys.exit(1)
 
     return wrapper
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,6 +26,33 @@ from .config import ConfigError, TuneConfig
 from .data import CLASSIFICATION, Dataset, Request, accuracy, example_losses, load_file, load_task, tokenize
 from .estimator import ZOSGD, projected_gradient
 from .model import resolve_model
+
+
+MAX_NONFINITE_IN_A_ROW = 5
+
+
+class TrainingStopped(Exception):
+    """The run stopped early but cleanly (interrupt, diverged): a checkpoint is on disk."""
+
+
+class _StopOnSigint:
+    """Ctrl-C finishes the current step, then the loop checkpoints and stops: nothing is lost."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C: the user really wants out now
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+
+    def __enter__(self) -> "_StopOnSigint":
+        self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGINT, self._previous)
 
 
 class ScoringEngine(Protocol):
@@ -83,13 +111,15 @@ def mezo_step(engine: ScoringEngine, split: Split, requests: Sequence[Request], 
               eps: float, estimator: ZOSGD) -> tuple[list[float], list[float]]:
     """One MeZO step: ±εz(seed) variants in their slots, one scoring call, g, seeded update.
 
-    Returns the losses (+, − per direction) and the projected gradients g, one per direction.
+    Returns the losses (+, − per direction) and the projected gradients g, one per direction;
+    a non-finite g means the step was skipped.
     """
     engine.write_variants([(seed, sign * eps) for seed in seeds for sign in (1.0, -1.0)])
     sums = engine.score(requests, list(range(2 * len(seeds))))
     losses = [batch_loss(split, requests, row) for row in sums]
     grads = [projected_gradient(losses[2 * k], losses[2 * k + 1], eps) for k in range(len(seeds))]
-    engine.apply_update(estimator.update(seeds, grads))
+    if all(math.isfinite(g) for g in grads):  # a NaN/Inf loss would poison θ: skip the step
+        engine.apply_update(estimator.update(seeds, grads))
     return losses, grads
 
 
@@ -115,11 +145,15 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def save_checkpoint(run: Path, adapter: LoraAdapter, base_model: str, step: int) -> None:
-    """Written under a temporary name and renamed, so a crash leaves the previous one whole."""
+    """Written under a temporary name, synced and renamed: a crash leaves the previous one whole."""
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=run))
     try:
         adapter.save(tmp / "adapter", base_model)
         (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with path.open("rb") as f:
+                    os.fsync(f.fileno())
         old = run / "checkpoint"
         if old.exists():
             trash = run / ".checkpoint-old"
@@ -199,11 +233,12 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
         keep = sorted(dev.by_example)[: cfg.eval_examples]
         dev = Split(dev.dataset, dev.requests_of(keep), {i: dev.by_example[i] for i in keep})
 
-    def dev_metrics(step: int) -> dict[str, float]:
+    def dev_metrics(step: int, skipped: int = 0) -> dict[str, float]:
         engine.write_variants([(0, 0.0)])
-        metrics = {"step": step, **evaluate(engine, dev, 0)}
+        metrics = {"step": step, **evaluate(engine, dev, 0), "skipped_steps": skipped}
         _append_jsonl(run / "metrics.jsonl", metrics)
-        tqdm.write(f"step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "step"))
+        tqdm.write(f"step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                   if k not in ("step", "skipped_steps")))
         return metrics
 
     if dev is not None and start == 0:
@@ -212,31 +247,42 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
         first = next((m for m in _read_jsonl(run / "metrics.jsonl") if m["step"] == 0), None)
     estimator = ZOSGD(cfg.lr, cfg.weight_decay)
     examples = sorted(train.by_example)
+    skipped = in_a_row = 0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="MeZO", unit="step")
-    for step in bar:
-        t0 = time.perf_counter()
-        requests = train.requests_of(batch_examples(cfg.seed, step, examples, cfg.batch_size))
-        seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.directions)]
-        losses, grads = mezo_step(engine, train, requests, seeds, cfg.eps, estimator)
-        loss = float(np.mean(losses))
-        record = {"step": step, "seed": seeds[0], "g": grads[0], "loss_plus": losses[0],
-                  "loss_minus": losses[1], "lr": cfg.lr}
-        if cfg.directions > 1:
-            record.update(seeds=seeds, grads=grads)
-        _append_jsonl(run / "trajectory.jsonl", record)
-        tokens = sum(len(r.token_ids) for r in requests) * len(losses)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-        done = step + 1
-        if dev is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-            dev_metrics(done)
-        if cfg.save_every and done % cfg.save_every == 0:
-            save_checkpoint(run, LoraAdapter(spec, engine.master()), model_dir, done)
+    with _StopOnSigint() as sigint:
+        for step in bar:
+            t0 = time.perf_counter()
+            requests = train.requests_of(batch_examples(cfg.seed, step, examples, cfg.batch_size))
+            seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.directions)]
+            losses, grads = mezo_step(engine, train, requests, seeds, cfg.eps, estimator)
+            record = {"step": step, "seed": seeds[0], "g": grads[0], "loss_plus": losses[0],
+                      "loss_minus": losses[1], "lr": cfg.lr}
+            if cfg.directions > 1:
+                record.update(seeds=seeds, grads=grads)
+            finite = all(math.isfinite(g) for g in grads)
+            skipped, in_a_row = skipped + (not finite), 0 if finite else in_a_row + 1
+            if not finite:
+                record["skipped"] = True
+            _append_jsonl(run / "trajectory.jsonl", record)
+            tokens = sum(len(r.token_ids) for r in requests) * len(losses)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+            done = step + 1
+            if in_a_row >= MAX_NONFINITE_IN_A_ROW or sigint.requested:
+                save_checkpoint(run, LoraAdapter(spec, engine.master()), model_dir, done)
+                why = (f"{in_a_row} steps in a row had a non-finite loss (try a smaller --lr or --eps)"
+                       if in_a_row >= MAX_NONFINITE_IN_A_ROW else "interrupted")
+                raise TrainingStopped(f"{why}: stopped after step {done}, checkpoint saved; "
+                                      f"continue with: mezo-vllm tune --resume {run}")
+            if dev is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                dev_metrics(done, skipped)
+            if cfg.save_every and done % cfg.save_every == 0:
+                save_checkpoint(run, LoraAdapter(spec, engine.master()), model_dir, done)
     bar.close()
 
     final = LoraAdapter(spec, engine.master())
     save_checkpoint(run, final, model_dir, cfg.steps)
     final.save(run / "adapter", model_dir)
-    last = dev_metrics(cfg.steps) if dev is not None else None
+    last = dev_metrics(cfg.steps, skipped) if dev is not None else None
     from .plots import plot_curves
 
     plot_curves(run)
