@@ -37,6 +37,19 @@ class EngineConfig:
     seed: int = 0
     kv_cache_gib: float = 1.0
     fast: bool = True  # apply the speed-up patches (False: stock vLLM, for the benchmark)
+    # fast only: requests that share a prefix (an example's options, few-shot demonstrations)
+    # compute it once (patches.prefix_sharing); only whole KV blocks are shared.
+    prefix_sharing: bool = True
+    # KV cache block size. None: 32 for fast engines (the CPU attention kernel's smallest; more
+    # of an example's context is shared between its options), vLLM's default (128) otherwise.
+    block_size: int | None = None
+
+
+def _block_size(config: EngineConfig) -> dict[str, int]:
+    """LLM(block_size=...) for this config, or nothing (vLLM's default)."""
+    if config.block_size is not None:
+        return {"block_size": config.block_size}
+    return {"block_size": 32} if config.fast else {}
 
 
 class _WorkerState:
@@ -108,6 +121,7 @@ class VllmEngine:
             max_lora_rank=adapter.spec.r,
             seed=config.seed,
             kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)),
+            **_block_size(config),
         )
         self.tokenizer = self.llm.get_tokenizer()
         # fast=False scores with upstream's prompt log-probs (the benchmark's stock vLLM); fast=True
@@ -211,14 +225,22 @@ class VllmEngine:
                 loras.append(lora)
         return prompts, loras
 
-    def _score_spans(self, requests: Sequence[Request], variant_loras: Sequence[Any]) -> np.ndarray:
-        """Score through patches.span_logprobs: the lm_head runs on the target rows only."""
+    def _score_spans(
+        self, requests: Sequence[Request], variant_loras: Sequence[Any],
+        share_prefix: bool | None = None,
+    ) -> np.ndarray:
+        """Score through patches.span_logprobs: the lm_head runs on the target rows only.
+
+        With `share_prefix` (default: the config's `prefix_sharing`) requests read the prefix
+        cache up to their span (patches.prefix_sharing), so equal prefixes are computed once.
+        """
         from .patches import span_logprobs
 
+        share = self.config.prefix_sharing if share_prefix is None else share_prefix
         prompts, loras = self._prompts(requests, variant_loras)
         keys = [next(self._span_keys) for _ in prompts]
         params = [
-            span_logprobs.span_params(r.span_start, key)
+            span_logprobs.span_params(r.span_start, key, read_prefix_cache=share)
             for key, r in zip(keys, itertools.cycle(requests))
         ]
         try:

@@ -16,14 +16,16 @@ no detokenization). After each model step, the wrapped `_get_prompt_logprobs_dic
 for every scheduled request with a span, the span rows that this step computed (row i predicts
 token i+1; span rows are start-1 .. len-2; with chunked prefill a prompt spans several steps,
 each from `request.num_computed_tokens`), runs the lm_head once over all those rows of all
-requests (with each row's own lm_head LoRA slot, via `lora_prompt_logprobs.batch_rows`), takes
-an fp32 log_softmax as upstream does (`Sampler.compute_logprobs`) and gathers the actual next
-token. The per-token values land in a per-runner dict keyed by the caller's id, one slot per
+requests (per `MAX_ROWS` rows; with each row's own lm_head LoRA slot, via
+`lora_prompt_logprobs.batch_rows`), takes an fp32 log_softmax as upstream does
+(`Sampler.compute_logprobs`) and gathers the actual next token. (The sampler still computes the
+logits of each request's last position for its one generated token, as for any request.) The per-token values land in a per-runner dict keyed by the caller's id, one slot per
 target token: a row computed again (a preempted request recomputes its prompt) overwrites its
 value, and a row never computed stays NaN, which `take()` reports as an error (e.g. a prefix
 cache hit that covered span rows). The caller fetches and clears the dict with
-`LLM.collective_rpc(take)` after `generate`. Requests without the mark take upstream's path
-unchanged; `logprobs_mode` is ignored for span rows (always normalised log-probs).
+`LLM.collective_rpc(take)` after `generate` (ranks that compute no logits, pipeline stages
+before the last, store nothing). Requests without the mark take upstream's path unchanged;
+`logprobs_mode` is ignored for span rows (always normalised log-probs).
 
 Keying by the caller's id, not by the request id, keeps the caller independent of how vLLM
 renames requests: `InputProcessor.assign_request_id` makes the runner's id
@@ -98,10 +100,10 @@ class _Rows:
 
     batch_rows: list[int]  # row of the step's hidden states
     targets: list[int]  # the token each row predicts
-    dest: list[tuple[np.ndarray, int, int]]  # (values array, first index, count), in row order
+    dest: list[tuple[int, int, int, int]]  # (key, span length, first index, count), in row order
 
 
-def _collect(runner: Any, num_scheduled_tokens: dict[str, int], store: dict) -> _Rows:
+def _collect(runner: Any, num_scheduled_tokens: dict[str, int]) -> _Rows:
     rows = _Rows([], [], [])
     query_start = runner.query_start_loc.np
     index_of = runner.input_batch.req_id_to_index
@@ -114,27 +116,27 @@ def _collect(runner: Any, num_scheduled_tokens: dict[str, int], store: dict) -> 
         ids = request.prompt_token_ids
         if ids is None or not 1 <= start < len(ids):
             raise SpanError(f"span start {start} outside 1..{0 if ids is None else len(ids) - 1}")
-        values = store.get(key)
-        if values is None:
-            values = store[key] = np.full(len(ids) - start, np.nan)
         c0 = request.num_computed_tokens
         lo, hi = chunk_span_rows(c0, n, len(ids), start)
-        if hi <= lo:
-            continue
-        first = int(query_start[index_of[req_id]]) + lo - c0
-        rows.batch_rows.extend(range(first, first + hi - lo))
-        rows.targets.extend(ids[lo + 1 : hi + 1])
-        rows.dest.append((values, lo - (start - 1), hi - lo))
+        # A chunk without span rows still registers the request: a span whose rows are all
+        # missing must be reported, not lost.
+        count = max(hi - lo, 0)
+        rows.dest.append((key, len(ids) - start, lo - (start - 1), count))
+        if count:
+            first = int(query_start[index_of[req_id]]) + lo - c0
+            rows.batch_rows.extend(range(first, first + count))
+            rows.targets.extend(ids[lo + 1 : hi + 1])
     return rows
 
 
 def span_logprobs(
     compute_logits: Any, hidden_states: torch.Tensor, batch_rows: list[int], targets: list[int],
     max_rows: int = MAX_ROWS,
-) -> np.ndarray:
+) -> np.ndarray | None:
     """log p(target) of each listed row, fp32 log_softmax over the full vocabulary (float64 out).
 
-    One `compute_logits` call per `max_rows` rows, each told which batch rows it covers.
+    One `compute_logits` call per `max_rows` rows, each told which batch rows it covers. None
+    where this rank computes no logits (not the last pipeline stage).
     """
     out = np.empty(len(batch_rows), dtype=np.float64)
     device = hidden_states.device
@@ -143,8 +145,8 @@ def span_logprobs(
         tgt = torch.tensor(targets[s : s + max_rows], dtype=torch.long, device=device)
         with lora_prompt_logprobs.batch_rows(idx):
             logits = compute_logits(hidden_states.index_select(0, idx))
-        if logits is None:  # not the last pipeline stage
-            continue
+        if logits is None:
+            return None
         logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
         out[s : s + len(idx)] = logprobs.gather(1, tgt[:, None])[:, 0].double().cpu().numpy()
     return out
@@ -159,21 +161,34 @@ def _store_of(runner: Any) -> dict[int, np.ndarray]:
 
 def score_step(runner: Any, hidden_states: torch.Tensor, num_scheduled_tokens: dict[str, int]) -> None:
     """Compute and store the span log-probs of this step's chunk of every span request."""
-    store = _store_of(runner)
-    rows = _collect(runner, num_scheduled_tokens, store)
-    if not rows.batch_rows:
+    rows = _collect(runner, num_scheduled_tokens)
+    if not rows.dest:
         return
-    values = span_logprobs(runner.model.compute_logits, hidden_states, rows.batch_rows, rows.targets)
+    values = np.empty(0)
+    if rows.batch_rows:
+        values = span_logprobs(
+            runner.model.compute_logits, hidden_states, rows.batch_rows, rows.targets
+        )
+        if values is None:
+            return
+    store = _store_of(runner)
     at = 0
-    for dest, first, count in rows.dest:
+    for key, length, first, count in rows.dest:
+        dest = store.get(key)
+        if dest is None:
+            dest = store[key] = np.full(length, np.nan)
         dest[first : first + count] = values[at : at + count]
         at += count
 
 
 def take(worker: Any) -> dict[int, np.ndarray]:
-    """`collective_rpc` target: the per-target-token log-probs of every finished span request
-    since the last call, by key, and forget them. Raises SpanError if a row was never computed."""
-    runner = getattr(worker, "worker", worker).model_runner
+    """`collective_rpc` target: `take_from(worker's model runner)`."""
+    return take_from(getattr(worker, "worker", worker).model_runner)
+
+
+def take_from(runner: Any) -> dict[int, np.ndarray]:
+    """The per-target-token log-probs of every span request since the last call, by key, and
+    forget them. Raises SpanError if a target token's row was never computed."""
     store = _store_of(runner)
     runner._mezo_span_logprobs = {}
     missing = [key for key, values in store.items() if np.isnan(values).any()]
