@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -184,6 +184,3 @@ class LoraAdapter:
             raise AdapterError(f"{config_path}: not a PEFT LoRA config ({e})") from e
         tensors = {k: v.float() for k, v in load_file(str(weights_path)).items()}
         return cls(spec, tensors)
-
-    def spec_dict(self) -> dict:
-        return asdict(self.spec)

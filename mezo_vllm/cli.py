@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -60,6 +61,8 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--rank", type=int, default=_DEFAULTS.rank, show_default=True)
 @click.option("--alpha", type=float, default=_DEFAULTS.alpha, show_default=True)
 @click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["constant", "linear"]), default=_DEFAULTS.lr_schedule,
+              show_default=True, help="linear: decay to 0 at the last step")
 @click.option("--eps", type=float, default=_DEFAULTS.eps, show_default=True)
 @click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
 @click.option("--steps", type=int, default=_DEFAULTS.steps, show_default=True)
@@ -77,19 +80,17 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--overflow", type=click.Choice(["truncate", "reject"]), default=_DEFAULTS.overflow, show_default=True,
               help="examples longer than --max-length: cut the context from the left, or drop them")
 @click.option("--stock-vllm", is_flag=True, help="run without the speed-up patches (for comparison)")
+@click.option("--trust-remote-code", is_flag=True,
+              help="let the model folder run its own Python code (HF auto_map); off by default")
 @_one_line_errors
 def tune(resume_dir: str | None, overwrite: bool, targets: str, stock_vllm: bool, **options: Any) -> None:
     """Train a LoRA adapter with MeZO; writes a run folder with a PEFT adapter."""
     from .trainer import tune as run_tune
 
     if resume_dir:
-        saved = Path(resume_dir) / "config.json"
-        if not saved.is_file():
-            raise ConfigError(f"{resume_dir}: not a run folder (no config.json)")
-        cfg = TuneConfig.from_json(json.loads(saved.read_text()))
-        steps = click.get_current_context().get_parameter_source("steps")
-        if steps is click.core.ParameterSource.COMMANDLINE:
-            cfg = TuneConfig.from_json({**cfg.to_json(), "steps": options["steps"]})
+        if overwrite:
+            raise ConfigError("--resume continues a run and --overwrite replaces it: give one of them")
+        cfg = _resumed_config(resume_dir, targets, stock_vllm, options)
     else:
         if not options["out"]:
             raise ConfigError("--out is required (or --resume RUN_DIR)")
@@ -98,8 +99,61 @@ def tune(resume_dir: str | None, overwrite: bool, targets: str, stock_vllm: bool
     click.echo(f"adapter: {summary['run']}/adapter")
     if summary["before"] and summary["after"]:
         for key in summary["after"]:
-            if key != "step":
+            if key not in ("step", "skipped_steps"):
                 click.echo(f"dev {key}: {summary['before'][key]:.4f} before, {summary['after'][key]:.4f} after")
+
+
+# Settings a resumed run may take from the command line; the others are the run's for good.
+_RESUME_MAY_CHANGE = ("steps", "trust_remote_code")
+
+
+def _resumed_config(resume_dir: str, targets: str, stock_vllm: bool, options: dict[str, Any]) -> TuneConfig:
+    """The run's saved config, in the folder given (it may have moved), with a new --steps.
+
+    Any other setting given on the command line must equal the saved one: silently training
+    on with another model, rank or learning rate than the checkpoint's would be worse than
+    an error. --trust-remote-code is never read from the folder: only the user grants it.
+    """
+    saved = Path(resume_dir) / "config.json"
+    if not saved.is_file():
+        raise ConfigError(f"{resume_dir}: not a run folder (no config.json)")
+    try:
+        cfg = TuneConfig.from_json(json.loads(saved.read_text()))
+    except (OSError, UnicodeDecodeError, RecursionError) as e:
+        raise ConfigError(f"{saved}: cannot read ({type(e).__name__})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{saved}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except ConfigError as e:
+        raise ConfigError(f"{saved}: {e}") from None
+    given = {**options, "targets": _targets(targets), "fast": not stock_vllm}
+    ctx = click.get_current_context()
+
+    def on_command_line(param: str) -> bool:
+        return ctx.get_parameter_source(param) is click.core.ParameterSource.COMMANDLINE
+
+    for name, value in given.items():
+        param = "stock_vllm" if name == "fast" else name
+        if name in _RESUME_MAY_CHANGE or not on_command_line(param):
+            continue
+        flag = "--" + param.replace("_", "-")
+        if name == "out":
+            if Path(value).resolve() != Path(resume_dir).resolve():
+                raise ConfigError(f"--out {value}: --resume {resume_dir} is the run folder; give one of them")
+            continue
+        old = getattr(cfg, name)
+        if not (_same_model(value, old) if name == "model" else value == old):
+            shown = flag if param == "stock_vllm" else f"{flag} {value}"
+            raise ConfigError(f"{shown}: the run in {resume_dir} was started with {name}={old!r}; "
+                              "a resumed run keeps its settings (only --steps may change)")
+    return dataclasses.replace(cfg, out=resume_dir, trust_remote_code=options["trust_remote_code"],
+                               steps=options["steps"] if on_command_line("steps") else cfg.steps)
+
+
+def _same_model(a: str | None, b: str | None) -> bool:
+    from .model import DEFAULT_MODEL
+
+    a, b = a or DEFAULT_MODEL, b or DEFAULT_MODEL
+    return a == b or Path(a).resolve() == Path(b).resolve()
 
 
 @main.command("eval")
@@ -110,9 +164,11 @@ def tune(resume_dir: str | None, overwrite: bool, targets: str, stock_vllm: bool
 @click.option("--model", help="base model folder (default: the adapter's base model)")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--max-length", type=int, default=1024, show_default=True)
+@click.option("--trust-remote-code", is_flag=True,
+              help="let the model folder run its own Python code (HF auto_map); off by default")
 @_one_line_errors
 def eval_(adapter_dir: str, task: str | None, split: str, data: str | None, model: str | None,
-          dtype: str, max_length: int) -> None:
+          dtype: str, max_length: int, trust_remote_code: bool) -> None:
     """The metric of an adapter and of the base model without it, on the same data."""
     from .adapter import LoraAdapter
     from .data import load_file, load_task
@@ -124,9 +180,12 @@ def eval_(adapter_dir: str, task: str | None, split: str, data: str | None, mode
         raise ConfigError("give exactly one of --task NAME or --data FILE")
     dataset = getattr(load_task(task), split) if task else load_file(data)
     adapter = LoraAdapter.load(adapter_dir)
-    base = model or json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = model or json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{adapter_dir}/adapter_config.json names no base model: pass --model")
     model_dir = str(resolve_model(base))
-    engine = VllmEngine(EngineConfig(model=model_dir, dtype=dtype, max_model_len=max_length, n_variants=1), adapter)
+    engine = VllmEngine(EngineConfig(model=model_dir, dtype=dtype, max_model_len=max_length, n_variants=1,
+                                     trust_remote_code=trust_remote_code), adapter)
     data_split = Split.make(dataset, engine.tokenizer, max_length, "truncate")
     engine.write_variants([(0, 0.0)])
     without, with_ = evaluate(engine, data_split, None), evaluate(engine, data_split, 0)
@@ -173,18 +232,17 @@ def prepare(force: bool) -> None:
 @main.command()
 def tasks() -> None:
     """The built-in tasks, with their split sizes and templates."""
-    from .data import builtin_tasks, load_task
+    from .data import builtin_tasks, load_task, task_template
 
     for name in builtin_tasks():
         s = load_task(name)
-        ex = s.train.examples[0]
         click.echo(f"{name}: {s.train.kind}, train {len(s.train.examples)} / dev {len(s.dev.examples)} / "
-                   f"test {len(s.test.examples)}; e.g. {ex.prompt!r} → {list(ex.targets)}")
+                   f"test {len(s.test.examples)}; {task_template(name)}")
 
 
 @main.command()
 @click.option("--out", type=click.Path(), default="runs/bench", show_default=True)
-@click.option("--steps", type=int, default=5, show_default=True, help="timed MeZO steps per workload")
+@click.option("--steps", type=int, default=2, show_default=True, help="timed MeZO steps per workload")
 def bench(out: str, steps: int) -> None:
     """transformers+PEFT vs stock vLLM vs patched vLLM: a table of ratios, JSON and a PNG."""
     from .bench import format_table, run_bench

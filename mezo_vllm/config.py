@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from .estimator import SCHEDULES
+
 DTYPES = ("float32", "bfloat16")
 OVERFLOW = ("truncate", "reject")
+# The engine starts vLLM with max_lora_rank = --rank, and vLLM 0.32 accepts only these
+# (`MaxLoRARanks` in vllm/config/lora.py); anything else fails deep inside engine start-up.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class ConfigError(Exception):
@@ -26,10 +32,11 @@ class TuneConfig:
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     rank: int = 8
     alpha: float = 16.0
-    lr: float = 1e-4
+    lr: float = 2e-3
+    lr_schedule: str = "linear"
     eps: float = 1e-2
     batch_size: int = 16
-    steps: int = 1000
+    steps: int = 300
     directions: int = 1
     seed: int = 0
     weight_decay: float = 0.0
@@ -40,19 +47,31 @@ class TuneConfig:
     overflow: str = "truncate"
     eval_examples: int = 0  # 0 = the whole dev split
     fast: bool = True
+    # Let the engine run Python code that a model folder ships (HF `auto_map`). Only the user
+    # grants it: a resumed run takes it from the command line, never from config.json.
+    trust_remote_code: bool = False
 
     def validate(self) -> None:
+        _check_types(self)
         positive = {"lr": self.lr, "eps": self.eps, "batch_size": self.batch_size,
                     "steps": self.steps, "rank": self.rank, "alpha": self.alpha,
                     "directions": self.directions, "max_length": self.max_length}
         for name, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        for name in ("lr", "eps", "alpha", "weight_decay"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be finite, got {getattr(self, name)}")
+        if self.rank not in LORA_RANKS:
+            raise ConfigError(f"--rank must be one of {', '.join(map(str, LORA_RANKS))} "
+                              f"(the LoRA ranks vLLM supports), got {self.rank}")
         for name in ("eval_every", "save_every", "eval_examples", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         if self.overflow not in OVERFLOW:
             raise ConfigError(f"--overflow must be one of {', '.join(OVERFLOW)}, got {self.overflow!r}")
         if (self.task is None) == (self.data is None):
@@ -67,7 +86,39 @@ class TuneConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "TuneConfig":
+        """A saved config (a run's config.json); ConfigError, naming the field, if it is not one."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"must be a JSON object, got {type(data).__name__}")
+        if not isinstance(data.get("out"), str):
+            raise ConfigError("field 'out': missing or not a string")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
-        values["targets"] = tuple(values.get("targets", ()))
-        return cls(**values)
+        targets = values.get("targets", ())
+        if not isinstance(targets, (list, tuple)):
+            raise ConfigError(f"field 'targets': must be a list of strings, got {targets!r}")
+        values["targets"] = tuple(targets)
+        cfg = cls(**values)
+        _check_types(cfg, prefix="field ")
+        return cfg
+
+
+_NONE = type(None)
+# Field annotation (a string: `from __future__ import annotations`) → the accepted Python types.
+_TYPES: dict[str, tuple[type, ...]] = {
+    "str": (str,), "str | None": (str, _NONE), "int": (int,), "float": (int, float), "bool": (bool,),
+    "tuple[str, ...]": (tuple,),
+}
+
+
+def _check_types(cfg: Any, prefix: str = "--") -> None:
+    """A config built from JSON or by a caller can hold a wrong type; say which, not TypeError."""
+    for f in fields(cfg):
+        value, accepted = getattr(cfg, f.name), _TYPES.get(str(f.type))
+        if accepted is None:
+            continue
+        wrong = not isinstance(value, accepted) or (bool not in accepted and isinstance(value, bool))
+        if f.type == "tuple[str, ...]" and not wrong:
+            wrong = not all(isinstance(v, str) for v in value)
+        if wrong:
+            name = f"--{f.name.replace('_', '-')}" if prefix == "--" else f"{prefix}{f.name!r}"
+            raise ConfigError(f"{name} must be {f.type}, got {type(value).__name__} {value!r:.60}")

@@ -37,6 +37,7 @@ class EngineConfig:
     seed: int = 0
     kv_cache_gib: float = 1.0
     fast: bool = True  # apply the speed-up patches (False: stock vLLM, for the benchmark)
+    trust_remote_code: bool = False  # run a model folder's own Python code: only on request
     # fast only: requests that share a prefix (an example's options, few-shot demonstrations)
     # compute it once (patches.prefix_sharing); only whole KV blocks are shared.
     prefix_sharing: bool = True
@@ -120,6 +121,7 @@ class VllmEngine:
             max_cpu_loras=config.n_variants + 1,
             max_lora_rank=adapter.spec.r,
             seed=config.seed,
+            trust_remote_code=config.trust_remote_code,
             kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)),
             **_block_size(config),
         )

@@ -7,6 +7,7 @@ safetensors folder under the cache directory. Every later start reads that folde
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -89,6 +90,16 @@ def resolve_model(model: str | None) -> Path:
     path = Path(model)
     if not (path / "config.json").is_file():
         raise ModelError(f"{model}: not an HF model folder (no config.json)")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"{model}/config.json: unreadable ({e})".splitlines()[0]) from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{model}/config.json: must be a JSON object")
     if not any(path.glob("*.safetensors")):
-        raise ModelError(f"{model}: no *.safetensors weights (pickled .bin weights are refused)")
+        pickled = sorted(p.name for p in [*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")])
+        if pickled:
+            raise ModelError(f"{model}: only pickled weights ({pickled[0]}): refused, since unpickling "
+                             "can run arbitrary code; convert them to *.safetensors")
+        raise ModelError(f"{model}: no *.safetensors weights")
     return path

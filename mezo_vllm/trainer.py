@@ -215,27 +215,57 @@ def _check_out(run: Path, resume: bool, overwrite: bool) -> None:
 
 def _load_checkpoint_checked(run: Path, spec: LoraSpec, model_dir: str, steps: int
                              ) -> tuple[LoraAdapter, int] | None:
-    """A resumed run's checkpoint, if any, refused unless it is this config's model and shape."""
-    config_path = run / "checkpoint" / "adapter" / "adapter_config.json"
+    """A resumed run's checkpoint, if any, refused unless it is this config's model and shape;
+    and its logs, refused if a line cannot be read (the file and line are named)."""
+    for log in ("trajectory.jsonl", "metrics.jsonl"):
+        _check_jsonl(run / log)
+    folder = run / "checkpoint"
+    state_path, config_path = folder / "state.json", folder / "adapter" / "adapter_config.json"
+    if not state_path.exists():
+        return None
     try:
-        checkpoint = load_checkpoint(run)
-        saved = json.loads(config_path.read_text()) if checkpoint else {}
+        step = json.loads(state_path.read_text())["step"]
+        if type(step) is not int or step < 0:
+            raise ValueError(f"step {step!r} is not a count")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise ConfigError(f"{state_path}: unreadable ({type(e).__name__}: {e})".splitlines()[0]) from None
+    try:
+        adapter = LoraAdapter.load(folder / "adapter")
+        saved = json.loads(config_path.read_text())
     except AdapterError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-        raise ConfigError(f"{run}/checkpoint: unreadable ({type(e).__name__}: {e})".splitlines()[0]) from None
-    if checkpoint is None:
-        return None
-    adapter, step = checkpoint
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ConfigError(f"{folder / 'adapter'}: unreadable ({type(e).__name__}: {e})".splitlines()[0]) from None
     if adapter.spec != spec:
-        raise ConfigError(f"{run}/checkpoint has adapter {adapter.spec}, the config asks for {spec}")
+        raise ConfigError(f"{folder} has adapter {adapter.spec}, the config asks for {spec}")
     base = saved.get("base_model_name_or_path") if isinstance(saved, dict) else None
     if base and Path(base).resolve() != Path(model_dir).resolve():
         raise ConfigError(f"{config_path}: base_model_name_or_path is {base}, the config's model is "
                           f"{model_dir}: a checkpoint continues only on the base model it was trained on")
     if step > steps:
         raise ConfigError(f"--steps {steps}: the checkpoint in {run} is already at step {step}")
-    return checkpoint
+    return adapter, step
+
+
+def _check_jsonl(path: Path) -> None:
+    """Every line of a run's log a JSON object with an integer step (what resuming reads)."""
+    if not path.exists():
+        return
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({type(e).__name__})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            ok = isinstance(record, dict) and type(record.get("step")) is int
+        except (ValueError, RecursionError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{path}:{number}: not a JSON record with an integer step "
+                              "(a torn last line of a killed run? delete it to resume)")
 
 
 def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
@@ -274,7 +304,8 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
         from .engine import EngineConfig, VllmEngine
 
         engine = VllmEngine(EngineConfig(model=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_length,
-                                         n_variants=2 * cfg.directions, seed=cfg.seed, fast=cfg.fast), adapter)
+                                         n_variants=2 * cfg.directions, seed=cfg.seed, fast=cfg.fast,
+                                         trust_remote_code=cfg.trust_remote_code), adapter)
     else:
         engine.load_master(adapter)
     train = Split.make(train_set, engine.tokenizer, cfg.max_length, cfg.overflow)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mezo_vllm.adapter import (
-    AdapterError, LoraAdapter, LoraSpec, Update, model_linear_shapes, noise, resolve_targets,
+    AdapterError, LoraAdapter, Update, model_linear_shapes, noise, resolve_targets,
 )
 
 

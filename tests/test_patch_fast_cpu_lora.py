@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("vllm")
 
 from vllm.lora.ops.torch_ops import sgmv_expand, sgmv_expand_slice, sgmv_shrink  # noqa: E402
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402

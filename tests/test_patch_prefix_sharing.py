@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("vllm")
 
 from vllm.v1.core.kv_cache_manager import KVCacheManager  # noqa: E402
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("vllm")
 
 from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU  # noqa: E402
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
