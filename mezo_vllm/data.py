@@ -680,10 +680,11 @@ def _option_sums(example: Example, index: int, scored: list[tuple[int, tuple[flo
                  ) -> np.ndarray:
     if example.label is None:
         raise ValueError(f"example {index} has no label: not a classification example")
-    sums = np.full(len(example.targets), np.nan)
+    sums = np.zeros(len(example.targets))
+    seen = np.zeros(len(example.targets), dtype=bool)
     for target, (value, *_) in scored:
-        sums[target] = value
-    if np.isnan(sums).any():
+        sums[target], seen[target] = value, True
+    if not seen.all():  # a NaN score is a score (the trainer skips such steps), a gap is a bug
         raise ValueError(f"example {index}: some options were not scored")
     return sums
 

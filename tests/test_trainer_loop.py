@@ -1,0 +1,105 @@
+"""The step loop's bookkeeping (resume, non-finite losses, interrupts), on a stand-in engine.
+
+The stand-in scores with a smooth function of the variant's adapter weights, so these tests run
+in seconds; the real engine is tested in test_engine.py and test_tune.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from mezo_vllm.adapter import LoraAdapter, Update
+from mezo_vllm.config import TuneConfig
+from mezo_vllm.trainer import TrainingStopped, tune
+
+
+class StandInEngine:
+    """Score = −(1 + mean of request ids)·Σ(B + 0.01)²: depends on every variant's weights."""
+
+    max_model_len = 1024
+
+    def __init__(self, tokenizer, fail_at_call: int | None = None, nan_calls: set[int] = frozenset(),
+                 interrupt_at_call: int | None = None):
+        self.tokenizer = tokenizer
+        self.calls = 0
+        self.fail_at_call, self.nan_calls, self.interrupt_at_call = fail_at_call, nan_calls, interrupt_at_call
+
+    def load_master(self, adapter: LoraAdapter) -> None:
+        self.adapter = LoraAdapter(adapter.spec, {k: v.clone() for k, v in adapter.tensors.items()})
+
+    def master(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.adapter.tensors.items()}
+
+    def apply_update(self, update: Update) -> None:
+        self.adapter.apply(update)
+
+    def write_variants(self, writes) -> None:
+        self.variants = [self.adapter.perturbed(seed, scale) for seed, scale in writes]
+
+    def score(self, requests, variants) -> np.ndarray:
+        self.calls += 1
+        if self.calls == self.fail_at_call:
+            raise RuntimeError("engine died")
+        if self.calls == self.interrupt_at_call:
+            signal.raise_signal(signal.SIGINT)
+        rows = []
+        for v in variants:
+            weights = self.adapter.tensors if v is None else self.variants[v]
+            energy = sum(float(((t + 0.01) ** 2).sum()) for k, t in weights.items() if "lora_B" in k)
+            rows.append([-(1 + np.mean(r.token_ids) % 7 + r.target) * (0.1 + energy) for r in requests])
+        scores = np.array(rows)
+        return scores * math.nan if self.calls in self.nan_calls else scores
+
+
+def _cfg(tmp_path, name, **overrides):
+    values = dict(out=str(tmp_path / name), task="sst2", steps=20, lr=1e-3, eval_every=0, save_every=5,
+                  eval_examples=10)
+    values.update(overrides)
+    return TuneConfig(**values)
+
+
+def _files(run):
+    return (run / "trajectory.jsonl").read_text(), {
+        k: v for k, v in LoraAdapter.load(run / "adapter").tensors.items()}
+
+
+def test_resume_after_a_crash_is_exact(tmp_path, tokenizer):
+    tune(_cfg(tmp_path, "whole"), engine=StandInEngine(tokenizer))
+    with pytest.raises(RuntimeError, match="engine died"):
+        tune(_cfg(tmp_path, "crashed"), engine=StandInEngine(tokenizer, fail_at_call=14))
+    crashed = tmp_path / "crashed"
+    assert json.loads((crashed / "checkpoint/state.json").read_text())["step"] == 10
+    # call 1 is the dev evaluation, so call 14 is step 12: steps 0-11 were logged, 10 and 11 past the checkpoint
+    assert len((crashed / "trajectory.jsonl").read_text().splitlines()) == 12
+    tune(_cfg(tmp_path, "crashed"), resume=True, engine=StandInEngine(tokenizer))
+    whole_log, whole = _files(tmp_path / "whole")
+    resumed_log, resumed = _files(crashed)
+    assert resumed_log == whole_log
+    assert all(torch.equal(resumed[k], v) for k, v in whole.items())
+    assert any(v.abs().max() > 0 for k, v in whole.items() if "lora_B" in k)
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tokenizer):
+    engine = StandInEngine(tokenizer, nan_calls={4})  # call 1 is the dev evaluation: call 4 is step 2
+    tune(_cfg(tmp_path, "one", steps=6), engine=engine)
+    records = [json.loads(line) for line in (tmp_path / "one/trajectory.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in records] == [False, False, True, False, False, False]
+    assert all(math.isfinite(t.abs().max().item()) for t in LoraAdapter.load(tmp_path / "one/adapter").tensors.values())
+
+    engine = StandInEngine(tokenizer, nan_calls=set(range(4, 100)))
+    with pytest.raises(TrainingStopped, match="5 steps in a row had a non-finite loss"):
+        tune(_cfg(tmp_path, "many"), engine=engine)
+    assert json.loads((tmp_path / "many/checkpoint/state.json").read_text())["step"] == 7  # steps 2-6
+
+
+def test_interrupt_saves_a_checkpoint_and_stops(tmp_path, tokenizer):
+    with pytest.raises(TrainingStopped, match="interrupted: stopped after step 7"):
+        tune(_cfg(tmp_path, "int"), engine=StandInEngine(tokenizer, interrupt_at_call=8))
+    assert json.loads((tmp_path / "int/checkpoint/state.json").read_text())["step"] == 7
+    assert len((tmp_path / "int/trajectory.jsonl").read_text().splitlines()) == 7
