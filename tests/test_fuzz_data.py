@@ -7,6 +7,8 @@ cover what random generation rarely reaches (5 MB lines, 100,000-deep nesting, F
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import tempfile
@@ -171,10 +173,8 @@ def test_well_typed_unicode_records_load_and_tokenize(records, bom, tokenizer):
         assert any(w in str(result) for w in ("record in a", "empty string", "malformed JSON",
                                                  "lone surrogate")), result
         return
-    try:
+    with contextlib.suppress(DataError):  # tokenizing either works or says why in one line
         tokenize(result.examples, tokenizer, 64)
-    except DataError:
-        pass
 
 
 # --------------------------------------------------------------------------- hand-written cases
@@ -275,7 +275,6 @@ def test_nul_rtl_and_combining_characters_are_text(tmp_path):
     assert isinstance(ds, Dataset) and ds.examples[0].targets == ("\u2028",)
 
 
-@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
 def test_a_fifo_is_refused_not_waited_on(tmp_path):
     fifo = tmp_path / "pipe.jsonl"
     os.mkfifo(fifo)
