@@ -103,3 +103,23 @@ def test_interrupt_saves_a_checkpoint_and_stops(tmp_path, tokenizer):
         tune(_cfg(tmp_path, "int"), engine=StandInEngine(tokenizer, interrupt_at_call=8))
     assert json.loads((tmp_path / "int/checkpoint/state.json").read_text())["step"] == 7
     assert len((tmp_path / "int/trajectory.jsonl").read_text().splitlines()) == 7
+
+
+def test_n_directions_average_their_estimates(tmp_path, tokenizer):
+    """--directions n: n seeds per step, every ±εz scored in one call, the update their mean."""
+    engine = StandInEngine(tokenizer)
+    tune(_cfg(tmp_path, "n", steps=3, directions=3, lr_schedule="constant"), engine=engine)
+    records = [json.loads(line) for line in (tmp_path / "n/trajectory.jsonl").read_text().splitlines()]
+    assert all(len(r["seeds"]) == 3 == len(set(r["seeds"])) and len(r["grads"]) == 3 for r in records)
+    assert engine.calls == 1 + 3 + 1  # dev before, one call per step, dev after
+
+    replay = LoraAdapter.load(tmp_path / "n/checkpoint/adapter")  # final == checkpoint at the end
+    initial = StandInEngine(tokenizer)
+    from mezo_vllm.adapter import LoraSpec, model_linear_shapes
+    from mezo_vllm.model import resolve_model
+
+    adapter = LoraAdapter.init(LoraSpec(), model_linear_shapes(resolve_model(None)), seed=0)
+    initial.load_master(adapter)
+    for r in records:
+        initial.apply_update(Update(terms=tuple((s, -1e-3 * g / 3) for s, g in zip(r["seeds"], r["grads"]))))
+    assert all(torch.allclose(replay.tensors[k], v, atol=1e-7) for k, v in initial.adapter.tensors.items())
