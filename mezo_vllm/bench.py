@@ -47,13 +47,9 @@ def workloads(tokenizer: Any) -> list[Workload]:
     while len(tokenizer(prefix)["input_ids"]) < 512:
         prefix, i = prefix + labelled[i], i + 1
     fewshot = tuple(Example(prefix + e.prompt, e.targets, e.label) for e in sst2.dev.examples[:BATCH])
-    text = " ".join(e.prompt for e in sst2.test.examples)
-    words = text.split()
-    completions = []
-    for k in range(BATCH):
-        chunk = " ".join(words[k * 200 : k * 200 + 200])
-        ids = tokenizer(chunk)["input_ids"]
-        completions.append(Example(tokenizer.decode(ids[:256]), (tokenizer.decode(ids[256:288]),), None))
+    ids = tokenizer(" ".join(e.prompt for e in sst2.test.examples))["input_ids"]
+    windows = [ids[k * 288 : (k + 1) * 288] for k in range(BATCH)]
+    completions = [Example(tokenizer.decode(w[:256]), (tokenizer.decode(w[256:]),), None) for w in windows]
     return [
         Workload("sst2", "SST-2 MeZO steps, batch 16, 2 options", sst2.train),
         Workload("fewshot", "16 examples sharing a 512-token prefix, 2 options", Dataset("fewshot", CLASSIFICATION, fewshot)),
