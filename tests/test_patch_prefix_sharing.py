@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 
 
-from vllm.v1.core.kv_cache_manager import KVCacheManager  # noqa: E402
+from vllm.v1.core.kv_cache_manager import KVCacheManager
 
-from mezo_vllm.data import Request  # noqa: E402
-from mezo_vllm.patches import (  # noqa: E402
-    PatchVersionError,
-    check_version,
+from mezo_vllm.data import Request
+from mezo_vllm.patches import (
     prefix_sharing,
     span_logprobs,
 )
@@ -103,14 +101,3 @@ def test_apply_is_idempotent():
     assert KVCacheManager.get_computed_blocks is method
     assert method.__module__ == prefix_sharing.__name__
     assert getattr(KVCacheManager, f"_mezo_vllm_patch_{prefix_sharing.NAME}") is True
-
-
-def test_refuses_other_vllm_versions(monkeypatch):
-    import vllm
-
-    assert vllm.__version__ in prefix_sharing.SUPPORTED
-    monkeypatch.setattr(vllm, "__version__", "0.0.0")
-    with pytest.raises(PatchVersionError, match="'prefix_sharing'.*0.0.0"):
-        check_version(prefix_sharing.NAME, prefix_sharing.SUPPORTED)
-    with pytest.raises(PatchVersionError, match="prefix_sharing"):
-        prefix_sharing.apply()
