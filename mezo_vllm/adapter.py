@@ -136,6 +136,9 @@ class LoraAdapter:
                 if coeff:
                     t.add_(noise(seed, key, t.shape), alpha=coeff)
 
+    def copy(self) -> "LoraAdapter":
+        return LoraAdapter(self.spec, {k: v.clone() for k, v in self.tensors.items()})
+
     def num_params(self) -> int:
         return sum(t.numel() for t in self.tensors.values())
 

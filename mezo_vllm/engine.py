@@ -88,7 +88,7 @@ class _WorkerState:
 
 
 def _rpc_install(worker: Any, spec: Any, tensors: dict[str, torch.Tensor]) -> None:
-    worker._mezo_state = _WorkerState(worker, LoraAdapter(spec, {k: v.clone() for k, v in tensors.items()}))
+    worker._mezo_state = _WorkerState(worker, LoraAdapter(spec, tensors).copy())
 
 
 def _rpc_write(worker: Any, writes: list[tuple[int, int, float]]) -> None:

@@ -16,7 +16,24 @@ from .adapter import LoraAdapter, Update
 from .data import Request
 
 
-class ReferenceEngine:
+class InProcessMaster:
+    """The engine interface's master-copy half, for engines whose weights live in this process."""
+
+    def load_master(self, adapter: LoraAdapter) -> None:
+        self.adapter = adapter.copy()
+        self.variants: list[dict[str, torch.Tensor]] = []
+
+    def master(self) -> dict[str, torch.Tensor]:
+        return self.adapter.copy().tensors
+
+    def apply_update(self, update: Update) -> None:
+        self.adapter.apply(update)
+
+    def write_variants(self, writes: Sequence[tuple[int, float]]) -> None:
+        self.variants = [self.adapter.perturbed(seed, scale) for seed, scale in writes]
+
+
+class ReferenceEngine(InProcessMaster):
     def __init__(self, model_dir: str, adapter: LoraAdapter, dtype: str = "float32",
                  max_model_len: int = 1024, batch_size: int = 16):
         from peft import LoraConfig, get_peft_model
@@ -30,20 +47,7 @@ class ReferenceEngine:
                             target_modules=list(adapter.spec.targets), lora_dropout=0.0)
         self.model = get_peft_model(base, config).eval()
         self._params = {n: p for n, p in self.model.named_parameters() if "lora_" in n}
-        self.adapter = LoraAdapter(adapter.spec, {k: v.clone() for k, v in adapter.tensors.items()})
-        self._variants: list[dict[str, torch.Tensor]] = []
-
-    def load_master(self, adapter: LoraAdapter) -> None:
-        self.adapter = LoraAdapter(adapter.spec, {k: v.clone() for k, v in adapter.tensors.items()})
-
-    def master(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.adapter.tensors.items()}
-
-    def apply_update(self, update: Update) -> None:
-        self.adapter.apply(update)
-
-    def write_variants(self, writes: Sequence[tuple[int, float]]) -> None:
-        self._variants = [self.adapter.perturbed(seed, scale) for seed, scale in writes]
+        self.load_master(adapter)
 
     def _set_weights(self, tensors: dict[str, torch.Tensor] | None) -> None:
         """PEFT names its parameters `...lora_A.default.weight`; the file drops `.default`."""
@@ -76,6 +80,6 @@ class ReferenceEngine:
     def score(self, requests: Sequence[Request], variants: Sequence[int | None]) -> np.ndarray:
         rows = []
         for v in variants:
-            self._set_weights(None if v is None else self._variants[v])
+            self._set_weights(None if v is None else self.variants[v])
             rows.append(self._score(requests))
         return np.stack(rows)

@@ -39,7 +39,7 @@ def test_perturbation_is_recomputed_from_the_master(initial_adapter):
 
 
 def test_update_applies_decay_then_seeded_terms(initial_adapter):
-    adapter = LoraAdapter(initial_adapter.spec, {k: v.clone() for k, v in initial_adapter.tensors.items()})
+    adapter = initial_adapter.copy()
     adapter.apply(Update(terms=((3, -0.5), (4, 0.25)), decay=0.1))
     for key, before in initial_adapter.tensors.items():
         expected = before * 0.9 - 0.5 * noise(3, key, before.shape) + 0.25 * noise(4, key, before.shape)

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from mezo_vllm.adapter import LoraAdapter, Update
+from mezo_vllm.adapter import LoraAdapter, LoraSpec, Update, model_linear_shapes
 from mezo_vllm.config import TuneConfig
+from mezo_vllm.model import resolve_model
+from mezo_vllm.reference import InProcessMaster
 from mezo_vllm.trainer import TrainingStopped, tune
 
 
-class StandInEngine:
+class StandInEngine(InProcessMaster):
     """Score = −(1 + mean of request ids)·Σ(B + 0.01)²: depends on every variant's weights."""
 
     max_model_len = 1024
@@ -29,18 +31,6 @@ class StandInEngine:
         self.tokenizer = tokenizer
         self.calls = 0
         self.fail_at_call, self.nan_calls, self.interrupt_at_call = fail_at_call, nan_calls, interrupt_at_call
-
-    def load_master(self, adapter: LoraAdapter) -> None:
-        self.adapter = LoraAdapter(adapter.spec, {k: v.clone() for k, v in adapter.tensors.items()})
-
-    def master(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self.adapter.tensors.items()}
-
-    def apply_update(self, update: Update) -> None:
-        self.adapter.apply(update)
-
-    def write_variants(self, writes) -> None:
-        self.variants = [self.adapter.perturbed(seed, scale) for seed, scale in writes]
 
     def score(self, requests, variants) -> np.ndarray:
         self.calls += 1
@@ -113,13 +103,8 @@ def test_n_directions_average_their_estimates(tmp_path, tokenizer):
     assert all(len(r["seeds"]) == 3 == len(set(r["seeds"])) and len(r["grads"]) == 3 for r in records)
     assert engine.calls == 1 + 3 + 1  # dev before, one call per step, dev after
 
-    replay = LoraAdapter.load(tmp_path / "n/checkpoint/adapter")  # final == checkpoint at the end
-    initial = StandInEngine(tokenizer)
-    from mezo_vllm.adapter import LoraSpec, model_linear_shapes
-    from mezo_vllm.model import resolve_model
-
-    adapter = LoraAdapter.init(LoraSpec(), model_linear_shapes(resolve_model(None)), seed=0)
-    initial.load_master(adapter)
+    final = LoraAdapter.load(tmp_path / "n/adapter")
+    replay = LoraAdapter.init(LoraSpec(), model_linear_shapes(resolve_model(None)), seed=0)
     for r in records:
-        initial.apply_update(Update(terms=tuple((s, -1e-3 * g / 3) for s, g in zip(r["seeds"], r["grads"]))))
-    assert all(torch.allclose(replay.tensors[k], v, atol=1e-7) for k, v in initial.adapter.tensors.items())
+        replay.apply(Update(terms=tuple((s, -1e-3 * g / 3) for s, g in zip(r["seeds"], r["grads"]))))
+    assert all(torch.allclose(final.tensors[k], v, atol=1e-7) for k, v in replay.tensors.items())
