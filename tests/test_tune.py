@@ -75,3 +75,24 @@ def test_tuned_adapter_loads_in_peft_and_vllm_alike(run_dir, engine_fp32, tokeni
         assert abs(lp[r.span_start - 1 :].sum().item() - score) < 1e-3
     base = ReferenceEngine(model_dir, adapter).score(requests, [None])[0]
     assert np.abs(base - vllm_scores).max() > 1e-4  # the tuned adapter changed the scores
+
+
+def test_export_merge_equals_the_adapter(run_dir, tmp_path, tokenizer):
+    """`export --merge` writes a plain model folder that scores like base model + adapter."""
+    import torch
+    from click.testing import CliRunner
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mezo_vllm.cli import main
+
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--to", str(tmp_path / "merged"), "--merge"])
+    assert result.exit_code == 0, result.output
+    assert not list((tmp_path / "merged").glob("adapter_*"))
+    ids = torch.tensor([tokenizer("a gorgeous, witty, seductive movie. It was great")["input_ids"]])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    base = AutoModelForCausalLM.from_pretrained(json.loads((run_dir / "adapter/adapter_config.json").read_text())["base_model_name_or_path"])
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(base, str(run_dir / "adapter"))(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-3
