@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from safetensors import safe_open
@@ -47,6 +47,11 @@ class Update:
 
     terms: tuple[tuple[int, float], ...]
     decay: float = 0.0
+
+
+def peft_key(module: str, matrix: str) -> str:
+    """PEFT's name of a module's LoRA matrix ("A" or "B") in adapter_model.safetensors."""
+    return f"{_PEFT_PREFIX}{module}.lora_{matrix}.weight"
 
 
 def noise_seed(seed: int, name: str) -> int:
@@ -107,8 +112,8 @@ class LoraAdapter:
             bound = 1.0 / math.sqrt(in_f)
             g = torch.Generator().manual_seed(noise_seed(seed, module))
             a = torch.empty(spec.r, in_f).uniform_(-bound, bound, generator=g)
-            tensors[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = a
-            tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = torch.zeros(out_f, spec.r)
+            tensors[peft_key(module, "A")] = a
+            tensors[peft_key(module, "B")] = torch.zeros(out_f, spec.r)
         if not tensors:
             raise AdapterError(f"no module of the model matches targets {list(spec.targets)}")
         return cls(spec, tensors)
@@ -116,17 +121,31 @@ class LoraAdapter:
     def modules(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Module name (as the model names it) → (A, B)."""
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        suffix = ".lora_A.weight"
         for key, a in self.tensors.items():
-            if key.endswith(".lora_A.weight"):
-                module = key[len(_PEFT_PREFIX) : -len(".lora_A.weight")]
-                out[module] = (a, self.tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"])
+            if key.endswith(suffix):
+                module = key[len(_PEFT_PREFIX) : -len(suffix)]
+                out[module] = (a, self.tensors[peft_key(module, "B")])
         return out
 
     def perturbed(self, seed: int, scale: float) -> dict[str, torch.Tensor]:
         """θ + scale·z(seed), computed afresh from the master so no rounding ever accumulates."""
-        if scale == 0.0:
-            return dict(self.tensors)
-        return {k: t + scale * noise(seed, k, t.shape) for k, t in self.tensors.items()}
+        return self.variants([(seed, scale)])[0]
+
+    def variants(self, writes: Sequence[tuple[int, float]]) -> list[dict[str, torch.Tensor]]:
+        """θ + scale·z(seed) for each (seed, scale); z is generated once per seed, so the ± pair
+        of a MeZO step costs one draw, not two."""
+        out: list[dict[str, torch.Tensor]] = [{} for _ in writes]
+        for key, t in self.tensors.items():
+            drawn: dict[int, torch.Tensor] = {}
+            for variant, (seed, scale) in zip(out, writes):
+                if scale == 0.0:
+                    variant[key] = t
+                    continue
+                if seed not in drawn:
+                    drawn[seed] = noise(seed, key, t.shape)
+                variant[key] = t + scale * drawn[seed]
+        return out
 
     def apply(self, update: Update) -> None:
         for key, t in self.tensors.items():

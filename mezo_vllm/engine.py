@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import patches as _patches
-from .adapter import LoraAdapter, Update
+from .adapter import LoraAdapter, Update, peft_key
 from .data import Request
 
 _BASE = None  # variant index meaning "the base model, no adapter"
@@ -72,19 +72,20 @@ class _WorkerState:
             missing = sorted(set(modules) - covered)[:3]
             raise RuntimeError(f"vLLM has no LoRA layer for adapter modules {missing}")
 
-    def write(self, adapter_id: int, seed: int, scale: float) -> None:
-        slot = self.manager.lora_index_to_id.index(adapter_id)
-        tensors = self.adapter.perturbed(seed, scale)
+    def write(self, writes: list[tuple[int, int, float]]) -> None:
+        """Slot of adapter id ← θ + scale·z(seed) for each (id, seed, scale), α/r folded into B."""
+        variants = self.adapter.variants([(seed, scale) for _, seed, scale in writes])
         scaling = self.adapter.spec.scaling
-        prefix = "base_model.model."
-        for name, parts in self.layout:
-            a = [None if p is None else tensors[f"{prefix}{p}.lora_A.weight"] for p in parts]
-            b = [None if p is None else tensors[f"{prefix}{p}.lora_B.weight"] * scaling for p in parts]
-            layer = self.manager.modules[name]
-            if len(parts) == 1:
-                layer.set_lora(slot, a[0], b[0])
-            else:
-                layer.set_lora(slot, a, b)
+        for (adapter_id, _, _), tensors in zip(writes, variants):
+            slot = self.manager.lora_index_to_id.index(adapter_id)
+            for name, parts in self.layout:
+                a = [None if p is None else tensors[peft_key(p, "A")] for p in parts]
+                b = [None if p is None else tensors[peft_key(p, "B")] * scaling for p in parts]
+                layer = self.manager.modules[name]
+                if len(parts) == 1:
+                    layer.set_lora(slot, a[0], b[0])
+                else:
+                    layer.set_lora(slot, a, b)
 
 
 def _rpc_install(worker: Any, spec: Any, tensors: dict[str, torch.Tensor]) -> None:
@@ -92,8 +93,7 @@ def _rpc_install(worker: Any, spec: Any, tensors: dict[str, torch.Tensor]) -> No
 
 
 def _rpc_write(worker: Any, writes: list[tuple[int, int, float]]) -> None:
-    for adapter_id, seed, scale in writes:
-        worker._mezo_state.write(adapter_id, seed, scale)
+    worker._mezo_state.write(writes)
 
 
 def _rpc_apply(worker: Any, update: Update) -> None:
@@ -101,7 +101,7 @@ def _rpc_apply(worker: Any, update: Update) -> None:
 
 
 def _rpc_master(worker: Any) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in worker._mezo_state.adapter.tensors.items()}
+    return worker._mezo_state.adapter.copy().tensors
 
 
 class VllmEngine:

@@ -30,7 +30,7 @@ class InProcessMaster:
         self.adapter.apply(update)
 
     def write_variants(self, writes: Sequence[tuple[int, float]]) -> None:
-        self.variants = [self.adapter.perturbed(seed, scale) for seed, scale in writes]
+        self.variants = self.adapter.variants(writes)
 
 
 class ReferenceEngine(InProcessMaster):
