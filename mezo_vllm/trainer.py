@@ -268,6 +268,15 @@ def _check_jsonl(path: Path) -> None:
                               "(a torn last line of a killed run? delete it to resume)")
 
 
+def start_engine(cfg: TuneConfig, model_dir: str, adapter: LoraAdapter) -> ScoringEngine:
+    """The engine a run's settings ask for, holding `adapter` as its master copy."""
+    from .engine import EngineConfig, VllmEngine
+
+    return VllmEngine(EngineConfig(model=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_length,
+                                   n_variants=2 * cfg.directions, seed=cfg.seed, fast=cfg.fast,
+                                   trust_remote_code=cfg.trust_remote_code), adapter)
+
+
 def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
          engine: ScoringEngine | None = None) -> dict[str, Any]:
     """Run (or continue) MeZO-LoRA training; returns the summary also printed at the end.
@@ -301,11 +310,7 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
     _truncate_jsonl(run / "metrics.jsonl", lambda r: r["step"] <= start)  # step = steps done
 
     if engine is None:
-        from .engine import EngineConfig, VllmEngine
-
-        engine = VllmEngine(EngineConfig(model=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_length,
-                                         n_variants=2 * cfg.directions, seed=cfg.seed, fast=cfg.fast,
-                                         trust_remote_code=cfg.trust_remote_code), adapter)
+        engine = start_engine(cfg, model_dir, adapter)
     else:
         engine.load_master(adapter)
     train = Split.make(train_set, engine.tokenizer, cfg.max_length, cfg.overflow)
