@@ -192,7 +192,11 @@ def _jsonl_records(text: str, source: str) -> Iterator[tuple[int, Any]]:
 
 
 def _csv_records(text: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+    # The csv module refuses cells over 128 KiB by default; the file is in memory already, so
+    # no cell can be longer than it (the limit is process-wide, and only ever raised here).
+    csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+    # strict: a quote left open would otherwise swallow the rest of the file into one cell
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     header: list[str] | None = None
     while True:
         line = reader.line_num + 1  # where the next record starts; quoted cells may span lines
@@ -201,11 +205,20 @@ def _csv_records(text: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]
         except StopIteration:
             return
         except csv.Error as e:
+            if str(e) == "unexpected end of data":
+                raise _error(source, line, "record", "unterminated quote: a quoted cell that starts "
+                             "in this record runs to the end of the file") from None
+            if "expected after" in str(e):
+                raise _error(source, reader.line_num, "record", "text after a closing quote "
+                             '(a quote inside a quoted cell is written "")') from None
             raise _error(source, line, "record", f"malformed CSV ({e})") from None
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if header is None:
             header = [name.strip() for name in row]
+            twice = [name for name, count in Counter(header).items() if count > 1 and name]
+            if twice:
+                raise _error(source, line, twice[0], "column appears more than once in the header row")
             if "prompt" not in header:
                 raise _error(source, line, "prompt", "missing column in the header row")
             _form(dict.fromkeys(header), source, line)  # a header without a form fails here

@@ -125,6 +125,12 @@ _BAD = [
     ("k.csv", 'prompt,options,label\na,"[""a"",""b""]",yes\n', 2, "label", "got string"),
     ("k2.csv", 'prompt,options,label\na,"[""a"",""b""]",5\n', 2, "label", "out of range"),
     ("t.csv", "prompt,completion\na\n", 2, "completion", "missing"),
+    ("dup.csv", "prompt,completion,completion\na,b,c\n", 1, "completion",
+     "column appears more than once in the header row"),
+    ("dup2.csv", " prompt,label,prompt ,options\na,0,b,[]\n", 1, "prompt", "more than once"),
+    ("open.csv", 'prompt,completion\na,b\n"c,d\ne,f\ng,h\n', 3, "record",
+     "unterminated quote: a quoted cell that starts in this record runs to the end of the file"),
+    ("after.csv", 'prompt,completion\na,b\n\n"c" d,e\n', 4, "record", "text after a closing quote"),
 ]
 
 
@@ -150,6 +156,19 @@ def test_file_level_errors_have_no_line(tmp_path, name, content, what):
     path = _write(tmp_path, name, content)
     with pytest.raises(DataError, match=f"^{path}: file: {what}"):
         load_file(path)
+
+
+def test_csv_cells_longer_than_the_csv_modules_default_limit_load(tmp_path):
+    """Python's csv refuses cells over 131,072 characters unless told otherwise."""
+    prompt = "word " * 60_000
+    dataset = load_file(_write(tmp_path, "long.csv", f'prompt,completion\n"{prompt}",x\n'))
+    assert dataset.examples[0].prompt == prompt and len(prompt) > 131_072
+
+
+def test_csv_header_with_empty_columns_twice_loads(tmp_path):
+    """Spreadsheets export trailing empty columns; unnamed columns are not duplicates."""
+    dataset = load_file(_write(tmp_path, "trailing.csv", "prompt,completion,,\na,b,,\n"))
+    assert dataset.examples[0].targets == ("b",)
 
 
 def test_unreadable_file(tmp_path):
