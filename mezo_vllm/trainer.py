@@ -37,6 +37,46 @@ class TrainingStopped(Exception):
     """The run stopped early but cleanly (interrupt, diverged): a checkpoint is on disk."""
 
 
+class EngineFailed(TrainingStopped):
+    """An engine call raised mid-run (the engine, a worker or a replica is gone): the run stops
+    with its last checkpoint and every log line written so far intact."""
+
+
+class _WatchedEngine:
+    """The run's engine, with any exception from an engine call turned into EngineFailed, naming
+    the step, the cause and how to resume. Only calls into the engine are watched: a bug in the
+    loop itself keeps its own exception and traceback."""
+
+    _CALLS = frozenset({"write_variants", "score", "apply_update", "master", "load_master"})
+
+    def __init__(self, engine: ScoringEngine, run: Path, step: int):
+        self._engine, self._run = engine, run
+        self.step = step  # the step under way, set by the loop
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._engine, name)
+        if name not in self._CALLS:
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return value(*args, **kwargs)
+            except Exception as e:
+                raise EngineFailed(self._message(name, e)) from e
+
+        return call
+
+    def _message(self, call: str, error: Exception) -> str:
+        cause = (f"{type(error).__name__}: {error}" if str(error) else type(error).__name__).splitlines()[0]
+        state = self._run / "checkpoint" / "state.json"
+        try:
+            kept = f"the last checkpoint (step {json.loads(state.read_text())['step']}) is intact"
+        except (OSError, ValueError, KeyError, TypeError):
+            kept = "no checkpoint was written yet (a resumed run starts from step 0)"
+        return (f"the engine failed at step {self.step} ({call}: {cause[:300]}); {kept}; "
+                f"continue with: mezo-vllm tune --resume {self._run}")
+
+
 class _StopOnSigint:
     """Ctrl-C finishes the current step, then the loop checkpoints and stops: nothing is lost."""
 
@@ -140,37 +180,104 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def save_checkpoint(run: Path, adapter: LoraAdapter, base_model: str, step: int) -> None:
-    """Written under a temporary name, synced and renamed: a crash leaves the previous one whole."""
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=run))
+def _log_record(line: str) -> dict | None:
+    """A log line as a record with an integer step (what resuming reads), or None."""
     try:
-        adapter.save(tmp / "adapter", base_model)
-        (tmp / "state.json").write_text(json.dumps({"step": step}) + "\n")
-        for path in tmp.rglob("*"):
-            if path.is_file():
-                with path.open("rb") as f:
-                    os.fsync(f.fileno())
-        old = run / "checkpoint"
-        if old.exists():
-            trash = run / ".checkpoint-old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(old, trash)
-            os.replace(tmp, old)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, old)
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) and type(record.get("step")) is int else None
+
+
+def _read_log(path: Path) -> tuple[list[dict], bool]:
+    """A run's log and whether its last line is torn (no newline, not JSON: the run was killed
+    while writing it). A torn last line is always past the last checkpoint, which is written
+    after its step's lines, so a resumed run drops it; a bad line anywhere else is refused."""
+    if not path.exists():
+        return [], False
+    try:
+        lines = path.read_text().split("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: unreadable ({type(e).__name__})") from None
+    torn = bool(lines[-1].strip()) and _log_record(lines[-1]) is None
+    records = []
+    for number, line in enumerate(lines[:-1] if torn else lines, start=1):
+        if not line.strip():
+            continue
+        record = _log_record(line)
+        if record is None:
+            raise ConfigError(f"{path}:{number}: not a JSON record with an integer step")
+        records.append(record)
+    return records, torn
+
+
+_PREVIOUS = ".checkpoint-old"  # the previous checkpoint, for the moment the new one is renamed in
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Files and directory entries on disk before a rename publishes them."""
+    for path in [*folder.rglob("*"), folder]:
+        _fsync(path)
+
+
+def _swap_in(tmp: Path, dest: Path) -> None:
+    """dest ← tmp by renames only. Until the first rename dest is the old folder; between the
+    two it waits whole under `.<name>-old`, where `_tidy_checkpoints` takes it back."""
+    if dest.exists():
+        trash = dest.parent / f".{dest.name}-old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(dest, trash)
+        os.replace(tmp, dest)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    _fsync(dest.parent)
+
+
+def _tidy_checkpoints(run: Path) -> None:
+    """What a save killed midway leaves: the previous checkpoint renamed aside (taken back) and
+    half-written temporary folders (removed), so a resumed run sees one whole checkpoint."""
+    current, previous = run / "checkpoint", run / _PREVIOUS
+    if not current.exists() and (previous / "state.json").is_file():
+        os.replace(previous, current)
+    for stale in [*run.glob(".checkpoint-*"), *run.glob(".adapter-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_whole(dest: Path, write: Callable[[Path], None]) -> None:
+    """`write` fills a temporary folder beside dest, which is synced and renamed in: a crash at
+    any moment leaves either the old dest or the new one, whole."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide an adapter from a server run by another user
+        write(tmp)
+        _fsync_tree(tmp)
+        _swap_in(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def save_checkpoint(run: Path, adapter: LoraAdapter, base_model: str, step: int) -> None:
+    _tidy_checkpoints(run)
+
+    def write(folder: Path) -> None:
+        adapter.save(folder / "adapter", base_model)
+        (folder / "state.json").write_text(json.dumps({"step": step}) + "\n")
+
+    _write_whole(run / "checkpoint", write)
+
+
 def load_checkpoint(run: Path) -> tuple[LoraAdapter, int] | None:
+    _tidy_checkpoints(run)
     folder = run / "checkpoint"
     if not (folder / "state.json").exists():
         return None
@@ -179,9 +286,19 @@ def load_checkpoint(run: Path) -> tuple[LoraAdapter, int] | None:
 
 
 def _truncate_jsonl(path: Path, keep: Callable[[dict], bool]) -> None:
-    """Drop what a killed run logged after its last checkpoint: a resumed run logs it again."""
-    kept = [r for r in _read_jsonl(path) if keep(r)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    """Drop what a killed run logged after its last checkpoint: a resumed run logs it again.
+    The file is replaced by a rename, so a kill now loses none of the lines kept."""
+    records, torn = _read_log(path)
+    kept = [r for r in records if keep(r)]
+    if torn:
+        tqdm.write(f"{path}: dropped its torn last line (the run was killed while writing it)")
+    if torn or len(kept) < len(records):
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def load_splits(cfg: TuneConfig) -> tuple[Dataset, Dataset | None]:
@@ -218,7 +335,8 @@ def _load_checkpoint_checked(run: Path, spec: LoraSpec, model_dir: str, steps: i
     """A resumed run's checkpoint, if any, refused unless it is this config's model and shape;
     and its logs, refused if a line cannot be read (the file and line are named)."""
     for log in ("trajectory.jsonl", "metrics.jsonl"):
-        _check_jsonl(run / log)
+        _read_log(run / log)
+    _tidy_checkpoints(run)
     folder = run / "checkpoint"
     state_path, config_path = folder / "state.json", folder / "adapter" / "adapter_config.json"
     if not state_path.exists():
@@ -245,27 +363,6 @@ def _load_checkpoint_checked(run: Path, spec: LoraSpec, model_dir: str, steps: i
     if step > steps:
         raise ConfigError(f"--steps {steps}: the checkpoint in {run} is already at step {step}")
     return adapter, step
-
-
-def _check_jsonl(path: Path) -> None:
-    """Every line of a run's log a JSON object with an integer step (what resuming reads)."""
-    if not path.exists():
-        return
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: unreadable ({type(e).__name__})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            ok = isinstance(record, dict) and type(record.get("step")) is int
-        except (ValueError, RecursionError):
-            ok = False
-        if not ok:
-            raise ConfigError(f"{path}:{number}: not a JSON record with an integer step "
-                              "(a torn last line of a killed run? delete it to resume)")
 
 
 def start_engine(cfg: TuneConfig, model_dir: str, adapter: LoraAdapter) -> ScoringEngine:
@@ -313,6 +410,7 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
         engine = start_engine(cfg, model_dir, adapter)
     else:
         engine.load_master(adapter)
+    engine = _WatchedEngine(engine, run, start)
     train = Split.make(train_set, engine.tokenizer, cfg.max_length, cfg.overflow)
     dev = Split.make(dev_set, engine.tokenizer, cfg.max_length, cfg.overflow) if dev_set else None
     if dev is not None and cfg.eval_examples:
@@ -330,13 +428,16 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
     if dev is not None and start == 0:
         first = dev_metrics(0)
     else:
-        first = next((m for m in _read_jsonl(run / "metrics.jsonl") if m["step"] == 0), None)
+        first = next((m for m in _read_log(run / "metrics.jsonl")[0] if m["step"] == 0), None)
     estimator = ZOSGD(cfg.weight_decay)
     examples = sorted(train.by_example)
-    skipped = in_a_row = 0
+    taken = _read_log(run / "trajectory.jsonl")[0]  # a resumed run counts on from its steps so far
+    skipped = sum(bool(r.get("skipped")) for r in taken)
+    in_a_row = next((i for i, r in enumerate(reversed(taken)) if not r.get("skipped")), len(taken))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="MeZO", unit="step")
     with _StopOnSigint() as sigint:
         for step in bar:
+            engine.step = step
             t0 = time.perf_counter()
             requests = train.requests_of(batch_examples(cfg.seed, step, examples, cfg.batch_size))
             seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.directions)]
@@ -354,22 +455,24 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
             tokens = sum(len(r.token_ids) for r in requests) * len(losses)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
             done = step + 1
+            if dev is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                dev_metrics(done, skipped)  # before a stop, so a resumed run's metrics miss none
             if in_a_row >= MAX_NONFINITE_IN_A_ROW or sigint.requested:
                 save_checkpoint(run, LoraAdapter(spec, engine.master()), model_dir, done)
                 why = (f"{in_a_row} steps in a row had a non-finite loss (try a smaller --lr or --eps)"
                        if in_a_row >= MAX_NONFINITE_IN_A_ROW else "interrupted")
                 raise TrainingStopped(f"{why}: stopped after step {done}, checkpoint saved; "
                                       f"continue with: mezo-vllm tune --resume {run}")
-            if dev is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                dev_metrics(done, skipped)
             if cfg.save_every and done % cfg.save_every == 0:
                 save_checkpoint(run, LoraAdapter(spec, engine.master()), model_dir, done)
     bar.close()
 
+    engine.step = cfg.steps
     final = LoraAdapter(spec, engine.master())
-    save_checkpoint(run, final, model_dir, cfg.steps)
-    final.save(run / "adapter", model_dir)
+    # metrics first: a checkpoint at the last step then always has its metrics line
     last = dev_metrics(cfg.steps, skipped) if dev is not None else None
+    save_checkpoint(run, final, model_dir, cfg.steps)
+    _write_whole(run / "adapter", lambda folder: final.save(folder, model_dir))
     from .plots import plot_curves
 
     plot_curves(run)

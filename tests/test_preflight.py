@@ -352,7 +352,7 @@ def test_resume_with_another_adapter_shape(run, engines):
     ("checkpoint/adapter/adapter_model.safetensors", "garbage",
      ["checkpoint/adapter: unreadable (SafetensorError"]),
     ("checkpoint/adapter/adapter_config.json", "{}", ["adapter_config.json: not a PEFT LoRA config"]),
-    ("trajectory.jsonl", '{"step": 0}\n{"step": 1}\n{"step": 2, "seed', ["trajectory.jsonl:3: not a JSON record"]),
+    ("trajectory.jsonl", '{"step": 0}\n{"step": 1, "se\n{"step": 2}\n', ["trajectory.jsonl:2: not a JSON record"]),
     ("metrics.jsonl", '{"accuracy": 0.5}\n', ["metrics.jsonl:1: not a JSON record with an integer step"]),
 ])
 def test_resume_with_a_damaged_checkpoint_or_log(run, engines, file, content, fragments):

@@ -18,7 +18,7 @@ from mezo_vllm.adapter import LoraAdapter, LoraSpec, Update, model_linear_shapes
 from mezo_vllm.config import TuneConfig
 from mezo_vllm.model import resolve_model
 from mezo_vllm.reference import InProcessMaster
-from mezo_vllm.trainer import TrainingStopped, tune
+from mezo_vllm.trainer import EngineFailed, TrainingStopped, tune
 
 
 class StandInEngine(InProcessMaster):
@@ -61,7 +61,7 @@ def _files(run):
 
 def test_resume_after_a_crash_is_exact(tmp_path, tokenizer):
     tune(_cfg(tmp_path, "whole"), engine=StandInEngine(tokenizer))
-    with pytest.raises(RuntimeError, match="engine died"):
+    with pytest.raises(EngineFailed, match="engine died"):
         tune(_cfg(tmp_path, "crashed"), engine=StandInEngine(tokenizer, fail_at_call=14))
     crashed = tmp_path / "crashed"
     assert json.loads((crashed / "checkpoint/state.json").read_text())["step"] == 10
