@@ -42,10 +42,24 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
-class Update:
-    """θ ← (1 − decay)·θ + Σ coeff·z(seed): every update rule reduces to seeds and scalars."""
+class LowRank:
+    """A low-rank direction (LOZO): per matrix z = U·Vᵀ/√rank, U [out, rank] drawn from
+    `u_seed`, V [in, rank] from `v_seed`, so entries have unit variance like the dense z.
+    A tensor that is not a matrix gets the dense z of `u_seed`."""
 
-    terms: tuple[tuple[int, float], ...]
+    u_seed: int
+    v_seed: int
+    rank: int
+
+
+Direction = int | LowRank  # an int seed is a dense Gaussian direction
+
+
+@dataclass(frozen=True)
+class Update:
+    """θ ← (1 − decay)·θ + Σ coeff·z(direction): every update rule reduces to seeds and scalars."""
+
+    terms: tuple[tuple[Direction, float], ...]
     decay: float = 0.0
 
 
@@ -60,7 +74,13 @@ def noise_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def noise(seed: int, name: str, shape: torch.Size) -> torch.Tensor:
+def noise(seed: Direction, name: str, shape: torch.Size) -> torch.Tensor:
+    if isinstance(seed, LowRank):
+        if len(shape) != 2:
+            return noise(seed.u_seed, name, shape)
+        u = noise(seed.u_seed, name, torch.Size([shape[0], seed.rank]))
+        v = noise(seed.v_seed, name, torch.Size([shape[1], seed.rank]))
+        return (u @ v.T) * (seed.rank ** -0.5)
     generator = torch.Generator().manual_seed(noise_seed(seed, name))
     return torch.randn(shape, generator=generator, dtype=torch.float32)
 
@@ -132,7 +152,7 @@ class LoraAdapter:
         """θ + scale·z(seed), computed afresh from the master so no rounding ever accumulates."""
         return self.variants([(seed, scale)])[0]
 
-    def variants(self, writes: Sequence[tuple[int, float]]) -> list[dict[str, torch.Tensor]]:
+    def variants(self, writes: Sequence[tuple[Direction, float]]) -> list[dict[str, torch.Tensor]]:
         """θ + scale·z(seed) for each (seed, scale); z is generated once per seed, so the ± pair
         of a MeZO step costs one draw, not two."""
         out: list[dict[str, torch.Tensor]] = [{} for _ in writes]

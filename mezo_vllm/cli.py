@@ -1,4 +1,4 @@
-"""`mezo-vllm`: tune, eval, export, model, tasks."""
+"""`mezo-vllm`: tune, eval, export, model, tasks, bench, validate."""
 
 from __future__ import annotations
 
@@ -68,6 +68,18 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--steps", type=int, default=_DEFAULTS.steps, show_default=True)
 @click.option("--directions", type=int, default=_DEFAULTS.directions, show_default=True,
               help="n-SPSA: average this many ±εz estimates per step (one engine call)")
+@click.option("--estimator", type=click.Choice(["zo-sgd", "momentum", "lozo"]), default=_DEFAULTS.estimator,
+              show_default=True, help="update rule: ZO-SGD, ZO-SGD with momentum, LOZO (low-rank directions)")
+@click.option("--momentum", type=float, default=_DEFAULTS.momentum, show_default=True,
+              help="--estimator momentum: β of the moving average")
+@click.option("--momentum-window", type=int, default=_DEFAULTS.momentum_window, show_default=True,
+              help="--estimator momentum: steps kept (their z is regenerated every step)")
+@click.option("--lozo-rank", type=int, default=_DEFAULTS.lozo_rank, show_default=True,
+              help="--estimator lozo: rank of each matrix's direction U·Vᵀ")
+@click.option("--lozo-period", type=int, default=_DEFAULTS.lozo_period, show_default=True,
+              help="--estimator lozo: steps between redraws of V")
+@click.option("--objective", type=click.Choice(["loss", "f1"]), default=_DEFAULTS.objective, show_default=True,
+              help="loss: log-prob loss; f1: −F1 of greedy answers (generation tasks)")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
 @click.option("--weight-decay", type=float, default=_DEFAULTS.weight_decay, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=_DEFAULTS.dtype, show_default=True,
@@ -80,6 +92,15 @@ def _targets(value: str) -> tuple[str, ...]:
 @click.option("--overflow", type=click.Choice(["truncate", "reject"]), default=_DEFAULTS.overflow, show_default=True,
               help="examples longer than --max-length: cut the context from the left, or drop them")
 @click.option("--stock-vllm", is_flag=True, help="run without the speed-up patches (for comparison)")
+@click.option("--engine", type=click.Choice(["vllm", "reference"]), default=_DEFAULTS.engine, show_default=True,
+              help="reference: transformers + PEFT with the same seeds and scoring (the oracle; slow)")
+@click.option("--replicas", type=int, default=_DEFAULTS.replicas, show_default=True,
+              help="data-parallel vLLM engines on Ray, each scoring a share of the batch")
+@click.option("--ray-address", help="an existing Ray cluster for the replicas (default: start a local one)")
+@click.option("--tensor-parallel-size", type=int, default=_DEFAULTS.tensor_parallel_size, show_default=True,
+              help="vLLM tensor parallelism inside each engine")
+@click.option("--pipeline-parallel-size", type=int, default=_DEFAULTS.pipeline_parallel_size, show_default=True,
+              help="vLLM pipeline parallelism inside each engine")
 @click.option("--trust-remote-code", is_flag=True,
               help="let the model folder run its own Python code (HF auto_map); off by default")
 @_one_line_errors
@@ -99,12 +120,14 @@ def tune(resume_dir: str | None, overwrite: bool, targets: str, stock_vllm: bool
     click.echo(f"adapter: {summary['run']}/adapter")
     if summary["before"] and summary["after"]:
         for key in summary["after"]:
-            if key not in ("step", "skipped_steps"):
+            if key not in ("step", "skipped_steps", "wall_s"):
                 click.echo(f"dev {key}: {summary['before'][key]:.4f} before, {summary['after'][key]:.4f} after")
 
 
 # Settings a resumed run may take from the command line; the others are the run's for good.
-_RESUME_MAY_CHANGE = ("steps", "trust_remote_code")
+# Where it runs (replicas, cluster, model parallelism) changes no number of the trajectory.
+_SCALE_OUT = ("replicas", "ray_address", "tensor_parallel_size", "pipeline_parallel_size")
+_RESUME_MAY_CHANGE = ("steps", "trust_remote_code", *_SCALE_OUT)
 
 
 def _resumed_config(resume_dir: str, targets: str, stock_vllm: bool, options: dict[str, Any]) -> TuneConfig:
@@ -145,6 +168,7 @@ def _resumed_config(resume_dir: str, targets: str, stock_vllm: bool, options: di
             shown = flag if param == "stock_vllm" else f"{flag} {value}"
             raise ConfigError(f"{shown}: the run in {resume_dir} was started with {name}={old!r}; "
                               "a resumed run keeps its settings (only --steps may change)")
+    cfg = dataclasses.replace(cfg, **{k: options[k] for k in _SCALE_OUT if on_command_line(k)})
     return dataclasses.replace(cfg, out=resume_dir, trust_remote_code=options["trust_remote_code"],
                                steps=options["steps"] if on_command_line("steps") else cfg.steps)
 
@@ -238,6 +262,38 @@ def tasks() -> None:
         s = load_task(name)
         click.echo(f"{name}: {s.train.kind}, train {len(s.train.examples)} / dev {len(s.dev.examples)} / "
                    f"test {len(s.test.examples)}; {task_template(name)}")
+
+
+@main.command()
+@click.option("--task", help="built-in task (see `mezo-vllm tasks`)")
+@click.option("--data", type=click.Path(), help="JSONL or CSV data instead of --task")
+@click.option("--model", help="HF model folder (safetensors); default: the embedded SmolLM2-135M-Instruct")
+@click.option("--adapter", type=click.Path(), help="PEFT adapter to validate at (default: a seeded random one)")
+@click.option("--out", type=click.Path(), default="runs/validate", show_default=True)
+@click.option("--targets", default=",".join(_DEFAULTS.targets), show_default=True,
+              help="LoRA target modules of the random adapter, comma-separated, or all-linear")
+@click.option("--rank", type=int, default=_DEFAULTS.rank, show_default=True)
+@click.option("--alpha", type=float, default=_DEFAULTS.alpha, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True, help="examples in the checked batch")
+@click.option("--seeds", type=int, default=5, show_default=True, help="directions z checked")
+@click.option("--vllm-directions", type=int, default=100, show_default=True,
+              help="cosine vs n: real vLLM g's up to this n, the exact ∇L·z beyond")
+@click.option("--max-length", type=int, default=_DEFAULTS.max_length, show_default=True)
+@click.option("--trust-remote-code", is_flag=True,
+              help="let the model folder run its own Python code (HF auto_map); off by default")
+@_one_line_errors
+def validate(targets: str, **options: Any) -> None:
+    """Check the vLLM engine against transformers + PEFT on your model and data (run it first
+    on a new model): losses, g vs autograd, ε sweep, prefix sharing. Writes a markdown report."""
+    from .validate import ValidateConfig, passed, run_validate
+
+    cfg = ValidateConfig(targets=_targets(targets), **options)
+    out = run_validate(cfg, echo=click.echo)
+    verdicts = passed(json.loads((out / "results.json").read_text()))
+    for name, ok in verdicts.items():
+        click.echo(f"{'pass' if ok else 'FAIL'}  {name}")
+    if not all(verdicts.values()):
+        sys.exit(1)
 
 
 @main.command()

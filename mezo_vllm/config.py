@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .estimator import SCHEDULES
+from .estimator import ESTIMATORS, SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
 OVERFLOW = ("truncate", "reject")
+# loss: the batch loss from log-probs; f1: −F1 of greedy answers (generation tasks, MeZO's
+# non-differentiable objective)
+OBJECTIVES = ("loss", "f1")
+# vllm: the product; reference: transformers + PEFT, same seeds and scoring (the oracle, slow)
+ENGINES = ("vllm", "reference")
 # The engine starts vLLM with max_lora_rank = --rank, and vLLM 0.32 accepts only these
 # (`MaxLoRARanks` in vllm/config/lora.py); anything else fails deep inside engine start-up.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -40,6 +46,14 @@ class TuneConfig:
     directions: int = 1
     seed: int = 0
     weight_decay: float = 0.0
+    # The update rule (estimator.py): zo-sgd, momentum (EMA of the last momentum_window
+    # estimates, rebuilt from their seeds), lozo (low-rank directions, V redrawn every lozo_period steps)
+    estimator: str = "zo-sgd"
+    momentum: float = 0.9
+    momentum_window: int = 16
+    lozo_rank: int = 2
+    lozo_period: int = 50
+    objective: str = "loss"
     dtype: str = "float32"
     eval_every: int = 100
     save_every: int = 100
@@ -47,6 +61,13 @@ class TuneConfig:
     overflow: str = "truncate"
     eval_examples: int = 0  # 0 = the whole dev split
     fast: bool = True
+    engine: str = "vllm"
+    # Scale-out (README, "Scaling out"): data-parallel replicas on Ray (a local cluster unless
+    # ray_address names one), and vLLM's tensor/pipeline parallelism inside each engine.
+    replicas: int = 1
+    ray_address: str | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
     # Let the engine run Python code that a model folder ships (HF `auto_map`). Only the user
     # grants it: a resumed run takes it from the command line, never from config.json.
     trust_remote_code: bool = False
@@ -72,6 +93,31 @@ class TuneConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.lr_schedule not in SCHEDULES:
             raise ConfigError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
+        for name in ("momentum_window", "lozo_rank", "lozo_period"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "f1" and (self.engine != "vllm" or self.replicas > 1):
+            raise ConfigError("--objective f1 generates with one vLLM engine: not with --engine reference or --replicas")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "reference" and not self.fast:
+            raise ConfigError("--stock-vllm goes with --engine vllm")
+        for name in ("replicas", "tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
+        if self.engine == "reference" and (self.replicas > 1 or self.ray_address is not None
+                                           or self.tensor_parallel_size * self.pipeline_parallel_size > 1):
+            raise ConfigError("--replicas, --ray-address and --tensor/--pipeline-parallel-size go with --engine vllm")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ConfigError("--ray-address is empty (leave it out for a local Ray cluster)")
+        if (self.replicas > 1 or self.ray_address is not None) and importlib.util.find_spec("ray") is None:
+            raise ConfigError("--replicas/--ray-address need Ray: pip install 'mezo-vllm[ray]'")
         if self.overflow not in OVERFLOW:
             raise ConfigError(f"--overflow must be one of {', '.join(OVERFLOW)}, got {self.overflow!r}")
         if (self.task is None) == (self.data is None):

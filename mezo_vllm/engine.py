@@ -192,6 +192,21 @@ class VllmEngine:
         outputs = self.llm.generate(list(prompts), params, lora_request=lora, use_tqdm=False)
         return [o.outputs[0].text for o in outputs]
 
+    def generate(self, contexts: Sequence[Sequence[int]], max_tokens: int,
+                 variants: Sequence[int | None], stop: str = "\n") -> list[list[str]]:
+        """Greedy continuations of token-id contexts, [variant][context], all in one engine call
+        (generation tasks' F1, and MeZO's F1 objective, which compares the ± variants)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=[stop])
+        loras = self._variant_loras(variants)
+        prompts = [TokensPrompt(prompt_token_ids=list(c)) for _ in loras for c in contexts]
+        outputs = self.llm.generate(prompts, params, lora_request=[lr for lr in loras for _ in contexts],
+                                    use_tqdm=False)
+        texts = [o.outputs[0].text for o in outputs]
+        return [texts[k * len(contexts):(k + 1) * len(contexts)] for k in range(len(loras))]
+
     def score(self, requests: Sequence[Request], variants: Sequence[int | None]) -> np.ndarray:
         """Summed log-probs of each request's target span: shape [len(variants), len(requests)].
 

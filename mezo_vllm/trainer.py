@@ -23,10 +23,11 @@ from tqdm import tqdm
 
 from safetensors import SafetensorError
 
-from .adapter import AdapterError, LoraAdapter, LoraSpec, Update, model_linear_shapes, resolve_targets
+from .adapter import AdapterError, Direction, LoraAdapter, LoraSpec, Update, model_linear_shapes, resolve_targets
 from .config import ConfigError, TuneConfig
-from .data import CLASSIFICATION, Dataset, Request, accuracy, example_losses, load_file, load_task, tokenize
-from .estimator import ZOSGD, learning_rate, projected_gradient
+from .data import (CLASSIFICATION, Dataset, Request, accuracy, exact_match, example_losses, load_file, load_task,
+                   squad_f1, tokenize)
+from .estimator import Estimator, learning_rate, make_estimator, projected_gradient
 from .model import ModelError, resolve_model
 
 
@@ -47,11 +48,11 @@ class _WatchedEngine:
     the step, the cause and how to resume. Only calls into the engine are watched: a bug in the
     loop itself keeps its own exception and traceback."""
 
-    _CALLS = frozenset({"write_variants", "score", "apply_update", "master", "load_master"})
+    _CALLS = frozenset({"write_variants", "score", "generate", "apply_update", "master", "load_master"})
 
-    def __init__(self, engine: ScoringEngine, run: Path, step: int):
+    def __init__(self, engine: ScoringEngine, run: Path, steps_done: int):
         self._engine, self._run = engine, run
-        self.step = step  # the step under way, set by the loop
+        self.steps_done = steps_done  # kept up to date by the loop, for the message
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._engine, name)
@@ -73,7 +74,8 @@ class _WatchedEngine:
             kept = f"the last checkpoint (step {json.loads(state.read_text())['step']}) is intact"
         except (OSError, ValueError, KeyError, TypeError):
             kept = "no checkpoint was written yet (a resumed run starts from step 0)"
-        return (f"the engine failed at step {self.step} ({call}: {cause[:300]}); {kept}; "
+        done = f"{self.steps_done} step{'' if self.steps_done == 1 else 's'}"
+        return (f"the engine failed after {done} ({call}: {cause[:300]}); {kept}; "
                 f"continue with: mezo-vllm tune --resume {self._run}")
 
 
@@ -103,8 +105,10 @@ class ScoringEngine(Protocol):
     tokenizer: Any
     max_model_len: int
 
-    def write_variants(self, writes: Sequence[tuple[int, float]]) -> None: ...
+    def write_variants(self, writes: Sequence[tuple[Direction, float]]) -> None: ...
     def score(self, requests: Sequence[Request], variants: Sequence[int | None]) -> np.ndarray: ...
+    def generate(self, contexts: Sequence[Sequence[int]], max_tokens: int,
+                 variants: Sequence[int | None]) -> list[list[str]]: ...
     def apply_update(self, update: Update) -> None: ...
     def master(self) -> dict: ...
     def load_master(self, adapter: LoraAdapter) -> None: ...
@@ -141,24 +145,60 @@ def batch_loss(split: Split, requests: Sequence[Request], sums: np.ndarray) -> f
     return float(np.mean(losses))
 
 
+# Greedy answers of generation tasks stop at a newline (the targets end with one) or after this
+# many tokens; SQuAD/DROP answers are a few words.
+MAX_ANSWER_TOKENS = 32
+
+
+def _references(split: Split, example: int) -> tuple[str, ...]:
+    """What a generated answer is scored against: the task's answers, else the completion."""
+    e = split.dataset.examples[example]
+    return e.answers or (e.targets[0].strip(),)
+
+
+def generation_scores(engine: ScoringEngine, split: Split, examples: Sequence[int],
+                      variants: Sequence[int | None]) -> tuple[np.ndarray, np.ndarray]:
+    """F1 and exact match [variant, example] of greedy answers, every variant in one engine call;
+    the context is the request's own (already truncated) token ids, so it is what was scored."""
+    contexts = [split.by_example[i][0].token_ids[: split.by_example[i][0].span_start] for i in examples]
+    texts = engine.generate(contexts, MAX_ANSWER_TOKENS, list(variants))
+    f1 = np.array([[squad_f1(t, _references(split, i)) for t, i in zip(row, examples)] for row in texts])
+    em = np.array([[exact_match(t, _references(split, i)) for t, i in zip(row, examples)] for row in texts])
+    return f1, em
+
+
 def evaluate(engine: ScoringEngine, split: Split, variant: int | None) -> dict[str, float]:
-    """Accuracy for classification, mean per-token NLL for completion, under one variant."""
+    """Accuracy for classification; mean per-token NLL for completion, and for question answering
+    (examples with reference answers: SQuAD, DROP) F1 and exact match of greedy answers."""
     sums = engine.score(split.requests, [variant])[0]
     if split.dataset.kind == CLASSIFICATION:
         return {"accuracy": accuracy(split.dataset.examples, split.requests, sums.tolist())}
-    return {"nll": batch_loss(split, split.requests, sums)}
+    metrics = {"nll": batch_loss(split, split.requests, sums)}
+    examples = sorted(split.by_example)
+    if hasattr(engine, "generate") and all(split.dataset.examples[i].answers for i in examples):
+        f1, em = generation_scores(engine, split, examples, [variant])
+        metrics.update(f1=float(f1.mean()), em=float(em.mean()))
+    return metrics
 
 
-def mezo_step(engine: ScoringEngine, split: Split, requests: Sequence[Request], seeds: Sequence[int],
-              eps: float, estimator: ZOSGD, lr: float) -> tuple[list[float], list[float]]:
-    """One MeZO step: ±εz(seed) variants in their slots, one scoring call, g, seeded update.
+def mezo_step(engine: ScoringEngine, split: Split, requests: Sequence[Request], seeds: Sequence[Direction],
+              eps: float, estimator: Estimator, lr: float, objective: str = "loss"
+              ) -> tuple[list[float], list[float]]:
+    """One MeZO step: ±εz(seed) variants in their slots, one engine call, g, seeded update.
 
+    objective "loss": the batch loss from scored log-probs; "f1": −F1 of each variant's greedy
+    answers (MeZO's non-differentiable objective), all variants generated in one call.
     Returns the losses (+, − per direction) and the projected gradients g, one per direction;
     a non-finite g means the step was skipped.
     """
     engine.write_variants([(seed, sign * eps) for seed in seeds for sign in (1.0, -1.0)])
-    sums = engine.score(requests, list(range(2 * len(seeds))))
-    losses = [batch_loss(split, requests, row) for row in sums]
+    variants = list(range(2 * len(seeds)))
+    if objective == "f1":
+        f1, _ = generation_scores(engine, split, list(dict.fromkeys(r.example for r in requests)), variants)
+        losses = [-float(row.mean()) for row in f1]
+    else:
+        sums = engine.score(requests, variants)
+        losses = [batch_loss(split, requests, row) for row in sums]
     grads = [projected_gradient(losses[2 * k], losses[2 * k + 1], eps) for k in range(len(seeds))]
     if all(math.isfinite(g) for g in grads):  # a NaN/Inf loss would poison θ: skip the step
         engine.apply_update(estimator.update(seeds, grads, lr))
@@ -367,11 +407,23 @@ def _load_checkpoint_checked(run: Path, spec: LoraSpec, model_dir: str, steps: i
 
 def start_engine(cfg: TuneConfig, model_dir: str, adapter: LoraAdapter) -> ScoringEngine:
     """The engine a run's settings ask for, holding `adapter` as its master copy."""
+    if cfg.engine == "reference":
+        from .reference import ReferenceEngine
+
+        return ReferenceEngine(model_dir, adapter, dtype=cfg.dtype, max_model_len=cfg.max_length,
+                               trust_remote_code=cfg.trust_remote_code)
     from .engine import EngineConfig, VllmEngine
 
-    return VllmEngine(EngineConfig(model=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_length,
-                                   n_variants=2 * cfg.directions, seed=cfg.seed, fast=cfg.fast,
-                                   trust_remote_code=cfg.trust_remote_code), adapter)
+    config = EngineConfig(model=model_dir, dtype=cfg.dtype, max_model_len=cfg.max_length,
+                          n_variants=2 * cfg.directions, seed=cfg.seed, fast=cfg.fast,
+                          trust_remote_code=cfg.trust_remote_code,
+                          tensor_parallel_size=cfg.tensor_parallel_size,
+                          pipeline_parallel_size=cfg.pipeline_parallel_size)
+    if cfg.replicas > 1 or cfg.ray_address is not None:
+        from .replicas import ReplicatedEngine
+
+        return ReplicatedEngine(config, adapter, cfg.replicas, cfg.ray_address)
+    return VllmEngine(config, adapter)
 
 
 def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
@@ -385,9 +437,12 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
     # folder is found here, before the engine starts (tens of seconds) and before anything on
     # disk is changed (--overwrite deletes the old run only once all checks have passed).
     cfg.validate()
+    started = time.perf_counter()
     run = Path(cfg.out)
     _check_out(run, resume, overwrite)
     train_set, dev_set = load_splits(cfg)
+    if cfg.objective == "f1" and train_set.kind == CLASSIFICATION:
+        raise ConfigError(f"--objective f1 scores generated answers: {train_set.name} is classification data")
     model_dir = str(resolve_model(cfg.model).resolve())  # absolute: adapters and checkpoints record it
     try:
         shapes = model_linear_shapes(model_dir)
@@ -417,32 +472,40 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
         keep = sorted(dev.by_example)[: cfg.eval_examples]
         dev = Split(dev.dataset, dev.requests_of(keep), {i: dev.by_example[i] for i in keep})
 
+    # wall_s: seconds since the run began, engine start included, summed over resumed segments
+    # (a segment's time after its last evaluation is not counted): accuracy-vs-time plots
+    wall0 = max((m.get("wall_s", 0.0) for m in _read_log(run / "metrics.jsonl")[0]), default=0.0)
+
     def dev_metrics(step: int, skipped: int = 0) -> dict[str, float]:
         engine.write_variants([(0, 0.0)])
-        metrics = {"step": step, **evaluate(engine, dev, 0), "skipped_steps": skipped}
+        metrics = {"step": step, **evaluate(engine, dev, 0), "skipped_steps": skipped,
+                   "wall_s": round(wall0 + time.perf_counter() - started, 1)}
         _append_jsonl(run / "metrics.jsonl", metrics)
         tqdm.write(f"step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                   if k not in ("step", "skipped_steps")))
+                                                   if k not in ("step", "skipped_steps", "wall_s")))
         return metrics
 
     if dev is not None and start == 0:
         first = dev_metrics(0)
     else:
         first = next((m for m in _read_log(run / "metrics.jsonl")[0] if m["step"] == 0), None)
-    estimator = ZOSGD(cfg.weight_decay)
+    estimator = make_estimator(cfg.estimator, cfg.weight_decay, cfg.momentum, cfg.momentum_window,
+                               cfg.lozo_rank, cfg.lozo_period, cfg.seed)
     examples = sorted(train.by_example)
     taken = _read_log(run / "trajectory.jsonl")[0]  # a resumed run counts on from its steps so far
+    estimator.restore(taken)  # e.g. momentum's window of recent (seed, g)
     skipped = sum(bool(r.get("skipped")) for r in taken)
     in_a_row = next((i for i, r in enumerate(reversed(taken)) if not r.get("skipped")), len(taken))
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="MeZO", unit="step")
     with _StopOnSigint() as sigint:
         for step in bar:
-            engine.step = step
+            engine.steps_done = step
             t0 = time.perf_counter()
             requests = train.requests_of(batch_examples(cfg.seed, step, examples, cfg.batch_size))
             seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.directions)]
             lr = learning_rate(cfg.lr, cfg.lr_schedule, step, cfg.steps)
-            losses, grads = mezo_step(engine, train, requests, seeds, cfg.eps, estimator, lr)
+            losses, grads = mezo_step(engine, train, requests, estimator.directions(step, seeds), cfg.eps,
+                                      estimator, lr, cfg.objective)
             record = {"step": step, "seed": seeds[0], "g": grads[0], "loss_plus": losses[0],
                       "loss_minus": losses[1], "lr": lr}
             if cfg.directions > 1:
@@ -452,6 +515,7 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
             if not finite:
                 record["skipped"] = True
             _append_jsonl(run / "trajectory.jsonl", record)
+            engine.steps_done = step + 1
             tokens = sum(len(r.token_ids) for r in requests) * len(losses)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
             done = step + 1
@@ -467,7 +531,6 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
                 save_checkpoint(run, LoraAdapter(spec, engine.master()), model_dir, done)
     bar.close()
 
-    engine.step = cfg.steps
     final = LoraAdapter(spec, engine.master())
     # metrics first: a checkpoint at the last step then always has its metrics line
     last = dev_metrics(cfg.steps, skipped) if dev is not None else None
