@@ -689,17 +689,20 @@ def _by_example(requests: Sequence[Request], *columns: Sequence[float]
     return groups
 
 
-def _option_sums(example: Example, index: int, scored: list[tuple[int, tuple[float, ...]]]
-                 ) -> np.ndarray:
+def _option_scores(example: Example, index: int, scored: list[tuple[int, tuple[float, ...]]]
+                   ) -> np.ndarray:
+    """Each option's mean target-token log-prob (values: (log-prob sum, token count)), as
+    MeZO scores options: a summed score would favour the shorter of two sentence options
+    (COPA) for its length alone. Single-token options (SST-2, RTE, BoolQ) are unaffected."""
     if example.label is None:
         raise ValueError(f"example {index} has no label: not a classification example")
-    sums = np.zeros(len(example.targets))
+    scores = np.zeros(len(example.targets))
     seen = np.zeros(len(example.targets), dtype=bool)
-    for target, (value, *_) in scored:
-        sums[target], seen[target] = value, True
+    for target, (value, count) in scored:
+        scores[target], seen[target] = value / count, True
     if not seen.all():  # a NaN score is a score (the trainer skips such steps), a gap is a bug
         raise ValueError(f"example {index}: some options were not scored")
-    return sums
+    return scores
 
 
 def example_losses(
@@ -711,8 +714,8 @@ def example_losses(
 ) -> list[float]:
     """One loss per example that has requests, in order of first appearance.
 
-    classification: cross-entropy over the options' summed target log-probs,
-    −log_softmax(sums)[label] (MeZO's `--train_as_classification`), so every option's score
+    classification: cross-entropy over the options' mean target-token log-probs,
+    −log_softmax(scores)[label] (MeZO's `--train_as_classification`), so every option's score
     moves the loss, not only the label's. completion: mean NLL per target token,
     −Σ log p / Σ tokens, so long and short completions weigh the same per token.
     """
@@ -722,8 +725,8 @@ def example_losses(
     losses = []
     for index, scored in groups.items():
         if kind == CLASSIFICATION:
-            sums = _option_sums(examples[index], index, scored)
-            losses.append(float(np.logaddexp.reduce(sums) - sums[examples[index].label]))
+            scores = _option_scores(examples[index], index, scored)
+            losses.append(float(np.logaddexp.reduce(scores) - scores[examples[index].label]))
         else:
             total = sum(values[0] for _, values in scored)
             count = sum(values[1] for _, values in scored)
@@ -734,10 +737,10 @@ def example_losses(
 def accuracy(
     examples: Sequence[Example], requests: Sequence[Request], logprob_sums: Sequence[float]
 ) -> float:
-    """Fraction of scored examples whose highest summed log-prob option is the label."""
-    groups = _by_example(requests, logprob_sums)
+    """Fraction of scored examples whose option of highest mean token log-prob is the label."""
+    groups = _by_example(requests, logprob_sums, [len(r.token_ids) - r.span_start for r in requests])
     if not groups:
         raise ValueError("accuracy of no examples")
-    hits = [int(np.argmax(_option_sums(examples[i], i, scored))) == examples[i].label
+    hits = [int(np.argmax(_option_scores(examples[i], i, scored))) == examples[i].label
             for i, scored in groups.items()]
     return sum(hits) / len(hits)

@@ -552,6 +552,18 @@ def test_classification_loss_is_cross_entropy_over_option_sums():
     assert accuracy(examples, requests, sums) == 0.5
 
 
+def test_options_of_several_tokens_are_scored_by_their_mean_token_log_prob():
+    """COPA's options are sentences of different lengths: a sum would favour the shorter one
+    for its length alone, so options compete on mean log-prob per token (as in MeZO)."""
+    examples = [Example("The man fell because", (" he slipped on the wet floor.", " he won."), 0)]
+    requests = [Request(0, 0, (1, 2, 3, 4, 5, 6, 7), span_start=1),  # 6 target tokens
+                Request(0, 1, (1, 2, 3), span_start=1)]  # 2 target tokens
+    sums, counts = [-6.0, -3.0], [6, 2]  # means -1.0 and -1.5: the long option wins
+    assert accuracy(examples, requests, sums) == 1.0
+    (loss,) = example_losses(examples, CLASSIFICATION, requests, sums, counts)
+    assert loss == pytest.approx(math.log(1 + math.exp(-0.5)))  # −log softmax([−1, −1.5])[0]
+
+
 def test_completion_loss_is_mean_nll_per_target_token():
     examples = [Example("p", ("abc",), None), Example("q", ("d",), None)]
     losses = example_losses(examples, COMPLETION, [_request(0, 0), _request(1, 0)],
