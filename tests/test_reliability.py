@@ -242,6 +242,19 @@ def test_an_engine_fault_stops_the_run_with_everything_written_intact(tmp_path, 
         assert load_checkpoint(run)[1] == checkpoint
 
 
+def test_skipped_steps_are_counted_across_a_resume(tmp_path, tokenizer):
+    """Steps 2 and 3 score NaN (calls 4, 5; call 1 is the dev evaluation), then the engine dies
+    at step 10: the resumed run's final metrics still count the two skipped steps."""
+    tune(_cfg(tmp_path, "whole"), engine=StandInEngine(tokenizer, nan_calls={4, 5}))
+    engine = StandInEngine(tokenizer, nan_calls={4, 5}, fail_at_call=12)
+    with pytest.raises(EngineFailed, match=r"after 10 steps .* checkpoint \(step 10\)"):
+        tune(_cfg(tmp_path, "resumed"), engine=engine)
+    tune(_cfg(tmp_path, "resumed"), resume=True, engine=StandInEngine(tokenizer))
+    assert _metrics(tmp_path / "resumed")[-1]["skipped_steps"] == 2
+    assert _metrics(tmp_path / "resumed") == _metrics(tmp_path / "whole")
+    assert (tmp_path / "resumed/trajectory.jsonl").read_text() == (tmp_path / "whole/trajectory.jsonl").read_text()
+
+
 def test_the_cli_reports_an_engine_fault_in_one_line(tmp_path, tokenizer, monkeypatch):
     def start_engine(cfg, model_dir, adapter):
         engine = StandInEngine(tokenizer, fail_at_call=14)
