@@ -12,16 +12,19 @@ import os
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
+import contextlib
 import itertools
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from . import patches as _patches
+from .patches import plugin as _plugin
 from .adapter import LoraAdapter, Update, peft_key
+from .config import ConfigError
 from .data import Request
 
 _BASE = None  # variant index meaning "the base model, no adapter"
@@ -44,6 +47,11 @@ class EngineConfig:
     # KV cache block size. None: 32 for fast engines (the CPU attention kernel's smallest; more
     # of an example's context is shared between its options), vLLM's default (128) otherwise.
     block_size: int | None = None
+    # vLLM's model parallelism inside this one engine; each worker holds the whole (small) fp32
+    # master adapter, regenerates the whole z from the seed and lets vLLM's LoRA layers slice
+    # out its shard, so a sharded engine writes exactly the variants an unsharded one does.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
 
 def _block_size(config: EngineConfig) -> dict[str, int]:
@@ -51,6 +59,57 @@ def _block_size(config: EngineConfig) -> dict[str, int]:
     if config.block_size is not None:
         return {"block_size": config.block_size}
     return {"block_size": 32} if config.fast else {}
+
+
+def _worker_env(config: EngineConfig) -> dict[str, str]:
+    """Environment for the worker processes vLLM starts (tensor/pipeline parallel engines).
+
+    They apply our patches through the `vllm.general_plugins` entry point (patches/plugin.py),
+    which acts only when asked. On CPU, vLLM's default thread binding ("auto") puts one rank on
+    each NUMA node and refuses more ranks than nodes (one node on small machines): unless the user
+    set VLLM_CPU_OMP_THREADS_BIND, this process's cores are split between the ranks instead.
+    """
+    env = {_plugin.ENV: "all" if config.fast else "required"}
+    world = config.tensor_parallel_size * config.pipeline_parallel_size
+    if world == 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return env
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return env
+    from vllm.utils.cpu_resource_utils import get_visible_memory_node
+
+    if len(get_visible_memory_node()) >= world:
+        return env
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < world:  # more ranks than cores: one unbound thread each
+        return {**env, "VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "1"}
+    per = len(cores) // world
+    lists = [",".join(map(str, cores[k * per:(k + 1) * per])) for k in range(world)]
+    return {**env, "VLLM_CPU_OMP_THREADS_BIND": "|".join(lists)}
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """`env` set while vLLM starts its workers, then restored, so a later stock engine in this
+    process stays stock."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _refusal(error: Exception) -> str:
+    """The line of a vLLM config error that says what is wrong (pydantic wraps it in others)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = next((line for line in lines if line.startswith("Value error, ")), lines[0] if lines else "")
+    return line.removeprefix("Value error, ").split(" [type=")[0]
 
 
 class _WorkerState:
@@ -87,6 +146,21 @@ class _WorkerState:
                 else:
                     layer.set_lora(slot, a, b)
 
+    def read(self, adapter_id: int) -> dict[str, torch.Tensor]:
+        """The slot's weights as vLLM holds them, by PEFT name (α/r folded into B): what the
+        exact-restore test compares bitwise with a replay of the trajectory."""
+        slot = self.manager.lora_index_to_id.index(adapter_id)
+        out: dict[str, torch.Tensor] = {}
+        for name, parts in self.layout:
+            layer = self.manager.modules[name]
+            for i, part in enumerate(parts):
+                if part is None:
+                    continue
+                for matrix, stacked in (("A", layer.lora_a_stacked), ("B", layer.lora_b_stacked)):
+                    rows, cols = self.adapter.tensors[peft_key(part, matrix)].shape
+                    out[peft_key(part, matrix)] = stacked[i][slot, 0, :rows, :cols].clone()
+        return out
+
 
 def _rpc_install(worker: Any, spec: Any, tensors: dict[str, torch.Tensor]) -> None:
     worker._mezo_state = _WorkerState(worker, LoraAdapter(spec, tensors).copy())
@@ -104,6 +178,10 @@ def _rpc_master(worker: Any) -> dict[str, torch.Tensor]:
     return worker._mezo_state.adapter.copy().tensors
 
 
+def _rpc_read(worker: Any, adapter_id: int) -> dict[str, torch.Tensor]:
+    return worker._mezo_state.read(adapter_id)
+
+
 class VllmEngine:
     """One vLLM `LLM`, `n_variants` LoRA slots, and the master adapter on its workers."""
 
@@ -112,19 +190,30 @@ class VllmEngine:
         from vllm import LLM, SamplingParams
 
         self.config = config
-        self.llm = LLM(
-            model=config.model,
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            enable_lora=True,
-            max_loras=config.n_variants + 1,  # + one slot for adapters read from disk
-            max_cpu_loras=config.n_variants + 1,
-            max_lora_rank=adapter.spec.r,
-            seed=config.seed,
-            trust_remote_code=config.trust_remote_code,
-            kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)),
-            **_block_size(config),
-        )
+        parallel = config.tensor_parallel_size * config.pipeline_parallel_size > 1
+        try:
+            with _environment(_worker_env(config)):
+                self.llm = LLM(
+                    model=config.model,
+                    dtype=config.dtype,
+                    max_model_len=config.max_model_len,
+                    enable_lora=True,
+                    max_loras=config.n_variants + 1,  # + one slot for adapters read from disk
+                    max_cpu_loras=config.n_variants + 1,
+                    max_lora_rank=adapter.spec.r,
+                    seed=config.seed,
+                    trust_remote_code=config.trust_remote_code,
+                    kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)),
+                    tensor_parallel_size=config.tensor_parallel_size,
+                    pipeline_parallel_size=config.pipeline_parallel_size,
+                    **_block_size(config),
+                )
+        except ValueError as e:  # vLLM's config validation (pydantic's errors are ValueErrors)
+            if not parallel:
+                raise
+            raise ConfigError(f"--tensor-parallel-size {config.tensor_parallel_size} "
+                              f"--pipeline-parallel-size {config.pipeline_parallel_size}: "
+                              f"vLLM refuses: {_refusal(e)}") from None
         self.tokenizer = self.llm.get_tokenizer()
         # fast=False scores with upstream's prompt log-probs (the benchmark's stock vLLM); fast=True
         # with patches.span_logprobs, one SamplingParams per request (its span rides in extra_args).
@@ -169,6 +258,10 @@ class VllmEngine:
 
     def load_master(self, adapter: LoraAdapter) -> None:
         self._rpc(_rpc_install, adapter.spec, adapter.tensors)
+
+    def slot_tensors(self, variant: int) -> dict[str, torch.Tensor]:
+        """What variant slot k holds now (B times α/r, as vLLM computes with it)."""
+        return self._rpc(_rpc_read, variant + 1)[0]
 
     def score_from_disk(self, adapter_dir: str, requests: Sequence[Request]) -> np.ndarray:
         """Score with a PEFT folder loaded by vLLM itself (`LoRARequest`), in the spare slot.
@@ -253,6 +346,15 @@ class VllmEngine:
         """
         from .patches import span_logprobs
 
+        results, keys = self._span_results(requests, variant_loras, share_prefix)
+        return span_logprobs.sums(results, keys).reshape(len(variant_loras), len(requests))
+
+    def _span_results(
+        self, requests: Sequence[Request], variant_loras: Sequence[Any], share_prefix: bool | None,
+    ) -> tuple[list[dict[int, np.ndarray]], list[int]]:
+        """One engine call: every worker's per-token span log-probs, and each prompt's key."""
+        from .patches import span_logprobs
+
         share = self.config.prefix_sharing if share_prefix is None else share_prefix
         prompts, loras = self._prompts(requests, variant_loras)
         keys = [next(self._span_keys) for _ in prompts]
@@ -264,7 +366,23 @@ class VllmEngine:
             self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
         finally:
             results = self._rpc(span_logprobs.take)  # also clears what a failed call left behind
-        return span_logprobs.sums(results, keys).reshape(len(variant_loras), len(requests))
+        return results, keys
+
+    def token_logprobs(
+        self, requests: Sequence[Request], variants: Sequence[int | None],
+        share_prefix: bool | None = None,
+    ) -> list[list[np.ndarray]]:
+        """log p of each target token, [variant][request] (fast engines): what `score` sums,
+        for the correctness oracle (`mezo_vllm.validate`, tests/test_oracle.py)."""
+        if not self.config.fast:
+            raise ValueError("token_logprobs needs a fast engine (patches.span_logprobs)")
+        results, keys = self._span_results(requests, self._variant_loras(variants), share_prefix)
+        merged: dict[int, np.ndarray] = {}
+        for result in results:
+            for key, values in result.items():
+                merged.setdefault(key, values)
+        it = iter(keys)
+        return [[merged[next(it)] for _ in requests] for _ in variants]
 
     def _score_prompt_logprobs(
         self, requests: Sequence[Request], variant_loras: Sequence[Any]
