@@ -2,18 +2,24 @@
 
 It implements the engine interface the trainer uses (`write_variants`, `score`, `apply_update`,
 `master`, `load_master`) with the loop a user would otherwise write: one PEFT adapter whose
-weights are set to each variant in turn, padded batches, log-softmax, gather.
+weights are set to each variant in turn, padded batches, log-softmax, gather. The variants are
+the master's `LoraAdapter.variants`, i.e. the same seeded z (same generator, same tensor names)
+the vLLM workers write, so `--engine reference` replays a vLLM run step for step.
+
+As the oracle it also gives what vLLM cannot: the exact gradient of the batch loss (autograd),
+hence the exact directional derivative ∇L·z that g = (L+ − L−)/2ε estimates, and an emulation of
+reusing one variant's prompt KV for another (what the SGLang MeZO integration did).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .adapter import LoraAdapter, Update
-from .data import Request
+from .adapter import LoraAdapter, Update, noise
+from .data import CLASSIFICATION, Example, Request
 
 
 class InProcessMaster:
@@ -33,16 +39,50 @@ class InProcessMaster:
         self.variants = self.adapter.variants(writes)
 
 
+def batch_loss_torch(examples: Sequence[Example], kind: str, requests: Sequence[Request],
+                     sums: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`trainer.batch_loss` (i.e. `data.example_losses`, averaged) on differentiable sums."""
+    return torch.stack(example_losses_torch(examples, kind, requests, sums)).mean()
+
+
+def example_losses_torch(examples: Sequence[Example], kind: str, requests: Sequence[Request],
+                         sums: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`data.example_losses` with torch sums, so autograd can differentiate the trainer's loss."""
+    groups: dict[int, list[tuple[Request, torch.Tensor]]] = {}
+    for r, s in zip(requests, sums):
+        groups.setdefault(r.example, []).append((r, s))
+    losses = []
+    for index, scored in groups.items():
+        if kind == CLASSIFICATION:
+            # mean token log-prob per option, as data.example_losses scores options
+            by_target = dict((r.target, s / (len(r.token_ids) - r.span_start)) for r, s in scored)
+            option_sums = torch.stack([by_target[t] for t in range(len(examples[index].targets))])
+            losses.append(torch.logsumexp(option_sums, 0) - option_sums[examples[index].label])
+        else:
+            count = sum(len(r.token_ids) - r.span_start for r, _ in scored)
+            losses.append(-torch.stack([s for _, s in scored]).sum() / count)
+    return losses
+
+
+def directional_derivative(gradient: dict[str, torch.Tensor], seed: int) -> float:
+    """∇L·z(seed), with z regenerated exactly as the engines perturb (per tensor name)."""
+    return float(sum(
+        torch.dot(g.flatten().double(), noise(seed, name, g.shape).flatten().double())
+        for name, g in gradient.items()
+    ))
+
+
 class ReferenceEngine(InProcessMaster):
     def __init__(self, model_dir: str, adapter: LoraAdapter, dtype: str = "float32",
-                 max_model_len: int = 1024, batch_size: int = 16):
+                 max_model_len: int = 1024, batch_size: int = 16, trust_remote_code: bool = False):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         self.max_model_len = max_model_len
         self.batch_size = batch_size
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                    trust_remote_code=trust_remote_code)
         config = LoraConfig(r=adapter.spec.r, lora_alpha=adapter.spec.alpha,
                             target_modules=list(adapter.spec.targets), lora_dropout=0.0)
         self.model = get_peft_model(base, config).eval()
@@ -58,9 +98,12 @@ class ReferenceEngine(InProcessMaster):
                 else:
                     param.copy_(tensors[name.replace(".default", "")])
 
+    def _weights_of(self, variant: int | None) -> dict[str, torch.Tensor] | None:
+        return None if variant is None else self.variants[variant]
+
     @torch.no_grad()
-    def _score(self, requests: Sequence[Request]) -> np.ndarray:
-        sums = np.empty(len(requests))
+    def _token_logprobs(self, requests: Sequence[Request]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
         pad = self.tokenizer.pad_token_id or 0
         for start in range(0, len(requests), self.batch_size):
             chunk = requests[start : start + self.batch_size]
@@ -74,12 +117,80 @@ class ReferenceEngine(InProcessMaster):
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
             picked = logprobs.gather(-1, ids[:, 1:, None])[..., 0]
             for i, r in enumerate(chunk):
-                sums[start + i] = picked[i, r.span_start - 1 : len(r.token_ids) - 1].sum().item()
-        return sums
+                out.append(picked[i, r.span_start - 1 : len(r.token_ids) - 1].double().numpy())
+        return out
 
-    def score(self, requests: Sequence[Request], variants: Sequence[int | None]) -> np.ndarray:
+    def token_logprobs(self, requests: Sequence[Request], variants: Sequence[int | None]
+                       ) -> list[list[np.ndarray]]:
+        """log p of each target token, [variant][request], as `VllmEngine.token_logprobs`."""
         rows = []
         for v in variants:
-            self._set_weights(None if v is None else self.variants[v])
-            rows.append(self._score(requests))
-        return np.stack(rows)
+            self._set_weights(self._weights_of(v))
+            rows.append(self._token_logprobs(requests))
+        return rows
+
+    def score(self, requests: Sequence[Request], variants: Sequence[int | None]) -> np.ndarray:
+        return np.array([[t.sum() for t in row] for row in self.token_logprobs(requests, variants)])
+
+    def _span_logprobs(self, request: Request, past: Any = None, start: int = 0) -> torch.Tensor:
+        """log p of the request's target tokens from one forward pass over token_ids[start:],
+        after `past` (the KV of token_ids[:start]); only the span's logits are computed."""
+        ids = torch.tensor([request.token_ids[start:]])
+        keep = len(request.token_ids) - request.span_start + 1  # rows span_start-1 .. len-1
+        out = self.model(input_ids=ids, past_key_values=past, use_cache=past is not None,
+                         logits_to_keep=keep)
+        logprobs = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
+        targets = torch.tensor(request.token_ids[request.span_start :])
+        return logprobs.gather(-1, targets[:, None])[:, 0].double()
+
+    def gradient(self, examples: Sequence[Example], kind: str, requests: Sequence[Request]
+                 ) -> tuple[float, dict[str, torch.Tensor]]:
+        """The trainer's batch loss at the master θ and its exact gradient, by master tensor name.
+
+        One example at a time (its loss depends on its own requests only), so memory is that of
+        one example's backward pass, whatever the batch.
+        """
+        self._set_weights(self.adapter.tensors)
+        for p in self._params.values():
+            p.grad = None
+        by_example: dict[int, list[Request]] = {}
+        for r in requests:
+            by_example.setdefault(r.example, []).append(r)
+        total = 0.0
+        for reqs in by_example.values():
+            sums = [self._span_logprobs(r).sum() for r in reqs]
+            loss = example_losses_torch(examples, kind, reqs, sums)[0] / len(by_example)
+            loss.backward()
+            total += loss.item()
+        grads = {name.replace(".default", ""): p.grad.detach().clone()
+                 for name, p in self._params.items()}
+        for p in self._params.values():
+            p.grad = None
+        return total, grads
+
+    @torch.no_grad()
+    def score_reusing_prompt_kv(self, requests: Sequence[Request], donor: int, variant: int
+                                ) -> np.ndarray:
+        """Summed target log-probs under `variant`, with the prompt's KV taken from `donor`.
+
+        An emulation, for measurement only, of a prefix cache that ignores which adapter
+        computed a prefix (the SGLang MeZO integration's reuse of the +εz pass's prompt KV for
+        the −εz pass): token_ids[:span_start-1] run under `donor`, the rest, from the first row
+        that predicts a target token, under `variant`. Token-granular, as a radix cache is.
+        """
+        out = np.empty(len(requests))
+        for i, r in enumerate(requests):
+            cut = r.span_start - 1
+            past = None
+            if cut > 0:
+                self._set_weights(self._weights_of(donor))
+                past = self.model(input_ids=torch.tensor([r.token_ids[:cut]]), use_cache=True).past_key_values
+            self._set_weights(self._weights_of(variant))
+            out[i] = self._span_logprobs(r, past=past, start=cut).sum().item()
+        return out
+
+    @torch.no_grad()
+    def score_one_by_one(self, requests: Sequence[Request], variant: int | None) -> np.ndarray:
+        """`score` without batching or padding: the exact counterpart of `score_reusing_prompt_kv`."""
+        self._set_weights(self._weights_of(variant))
+        return np.array([self._span_logprobs(r).sum().item() for r in requests])
