@@ -235,7 +235,7 @@ def test_bf16_engine_with_fp32_master_trains_stably(tmp_path):
     """A second engine (bf16), so in its own process: the `tune` command itself."""
     run = tmp_path / "bf16"
     result = subprocess.run(
-        [sys.executable, "-m", "mezo_vllm.cli", "tune", "--task", "sst2", "--dtype", "bfloat16",
+        [sys.executable, "-c", "from mezo_vllm.cli import main; main()", "tune", "--task", "sst2", "--dtype", "bfloat16",
          "--steps", "100", "--eval-every", "0", "--save-every", "0", "--eval-examples", "20",
          "--out", str(run)],
         capture_output=True, text=True, timeout=900,
