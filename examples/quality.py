@@ -338,11 +338,13 @@ def plot_sst2_curves(dest: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     mezo = _metrics(OUT / "sst2-mezo")
     if mezo:
-        ax.plot([m["step"] for m in mezo], [m["accuracy"] for m in mezo], marker="o", label="MeZO-LoRA (bf16 vLLM)")
-    fo = (_load("sst2-first-order") or {}).get("curve", [])
-    if fo:
-        ax.plot([c["step"] for c in fo], [c["accuracy"] for c in fo], marker="s", label="first-order LoRA (Adam)")
-    ax.set(xscale="symlog", xlabel="step (symlog)", ylabel="SST-2 dev accuracy (100 examples)",
+        ax.plot([max(m["step"], 1) for m in mezo], [m["accuracy"] for m in mezo], marker="o",
+                label=f"MeZO-LoRA (bf16 vLLM, {mezo[-1]['wall_s'] / 60:.0f} min)")
+    first = _load("sst2-first-order") or {}
+    if first.get("curve"):
+        ax.plot([max(c["step"], 1) for c in first["curve"]], [c["accuracy"] for c in first["curve"]], marker="s",
+                label=f"first-order LoRA (Adam, transformers+PEFT, {first['train_s'] / 60:.0f} min)")
+    ax.set(xscale="log", xlabel="step (log scale; step 0 drawn at 1)", ylabel="SST-2 dev accuracy (100 examples)",
            title="SST-2: MeZO-LoRA vs first-order LoRA")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -389,14 +391,29 @@ def plot_estimators(dest: Path, limit_s: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
     for label, name in ESTIMATOR_RUNS.items():
-        points = [m for m in _metrics(OUT / name) if m["wall_s"] <= limit_s]
-        if points:
-            ax.plot([m["wall_s"] / 60 for m in points], [m["accuracy"] for m in points], marker="o", label=label)
+        metrics = _metrics(OUT / name)
+        points = [m for m in metrics if m["wall_s"] <= limit_s]
+        if not points:
+            continue
+        line, = ax.plot([m["wall_s"] / 60 for m in points], [m["accuracy"] for m in points], marker="o", label=label)
+        # the training loss between evaluations, its time interpolated from theirs
+        path = OUT / name / "trajectory.jsonl"
+        steps = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        loss = np.array([(r["loss_plus"] + r["loss_minus"]) / 2 for r in steps])
+        when = np.interp([r["step"] + 1 for r in steps], [m["step"] for m in metrics],
+                         [m["wall_s"] for m in metrics])
+        smooth = np.convolve(loss, np.ones(25) / 25, mode="valid")
+        done = np.array([r["step"] + 1 for r in steps])[24:]
+        keep = (when[24:] <= limit_s) & (done <= metrics[-1]["step"])  # no time known past the last eval
+        ax_loss.plot(when[24:][keep] / 60, smooth[keep], color=line.get_color(), label=label)
     ax.set(xlabel="wall time (min, engine start included)", ylabel="SST-2 dev accuracy (100 examples)",
            title="Update rules on SST-2 (bf16 engine, same lr/ε/batch)")
-    ax.grid(alpha=0.3)
+    ax_loss.set(xlabel="wall time (min)", ylabel="training loss (25-step moving average)",
+                title="training loss")
+    for a in (ax, ax_loss):
+        a.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(dest, dpi=110)
