@@ -21,6 +21,9 @@ def _tune(*args):
     ([], "exactly one of --task NAME or --data FILE"),
     (["--task", "sst2", "--targets", "q_proj,nope_proj"], "nope_proj"),
     (["--task", "sst2", "--model", "/nonexistent/model"], "not an HF model folder"),
+    (["--task", "sst2", "--estimator", "momentum", "--momentum", "1.5"], "--momentum must be in [0, 1)"),
+    (["--task", "sst2", "--estimator", "lozo", "--lozo-rank", "0"], "--lozo-rank must be ≥ 1"),
+    (["--task", "sst2", "--objective", "f1"], "--objective f1 scores generated answers"),
 ])
 def test_bad_settings(tmp_path, args, message):
     result = _tune("--out", str(tmp_path / "run"), *args)
