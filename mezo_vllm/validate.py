@@ -24,7 +24,7 @@ import torch
 
 from .adapter import LoraAdapter, LoraSpec, model_linear_shapes, noise, resolve_targets
 from .config import ConfigError
-from .data import CLASSIFICATION, Dataset, Example, Request, example_losses, load_file, load_task, tokenize
+from .data import COMPLETION, Dataset, Example, Request, example_losses, load_file, load_task, tokenize
 from .estimator import projected_gradient
 from .trainer import batch_examples
 
@@ -196,8 +196,7 @@ def adapter_independent_g(engine: Any, adapter: LoraAdapter, shapes: dict[str, t
     spec = LoraSpec(r=adapter.spec.r, alpha=adapter.spec.alpha, targets=("q_proj",))
     q_only = random_adapter(spec, shapes)
     reqs = query_only_requests(requests)
-    dataset = Dataset("first tokens", "completion",
-                      tuple(Example("", ("",), None) for _ in reqs))
+    dataset = Dataset("first tokens", COMPLETION, tuple(Example("", ("",), None) for _ in reqs))
     engine.load_master(q_only)
     try:
         return [g_of(engine, dataset, reqs, seed, eps) for seed in seeds]
