@@ -92,9 +92,13 @@ def _worker_env(config: EngineConfig) -> dict[str, str]:
 @contextlib.contextmanager
 def _environment(env: dict[str, str]) -> Iterator[None]:
     """`env` set while vLLM starts its workers, then restored, so a later stock engine in this
-    process stays stock."""
+    process stays stock. vLLM freezes its view of the environment once an engine has started
+    (`vllm.envs.enable_envs_cache`): unfrozen here, so a second engine reads its own settings."""
+    from vllm import envs
+
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    envs.disable_envs_cache()
     try:
         yield
     finally:
@@ -130,6 +134,14 @@ class _WorkerState:
         if covered != set(modules):
             missing = sorted(set(modules) - covered)[:3]
             raise RuntimeError(f"vLLM has no LoRA layer for adapter modules {missing}")
+        # `write` sets only this adapter's layers: an earlier adapter's other layers (a larger
+        # target set loaded before, e.g. by `load_master`) must not stay in the variant slots.
+        mine = {name for name, _ in self.layout}
+        for slot, adapter_id in enumerate(self.manager.lora_index_to_id):
+            if adapter_id is not None and adapter_id != _DISK_ADAPTER_ID:
+                for name, layer in self.manager.modules.items():
+                    if name not in mine:
+                        layer.reset_lora(slot)
 
     def write(self, writes: list[tuple[int, int, float]]) -> None:
         """Slot of adapter id ← θ + scale·z(seed) for each (id, seed, scale), α/r folded into B."""

@@ -74,6 +74,9 @@ class _Replica:
     def score(self, requests: list[Request], variants: list[int | None]) -> np.ndarray:
         return self.engine.score(requests, variants)
 
+    def generate(self, contexts: list, max_tokens: int, variants: list[int | None]) -> list[list[str]]:
+        return self.engine.generate(contexts, max_tokens, variants)
+
     def apply_update(self, update: Update) -> None:
         self.engine.apply_update(update)
 
@@ -165,6 +168,19 @@ class ReplicatedEngine:
             self.wire["received"] += _wire_size(part)
             out[:, indices] = part
         return out
+
+    def generate(self, contexts: Sequence[Sequence[int]], max_tokens: int,
+                 variants: Sequence[int | None]) -> list[list[str]]:
+        """Greedy answers [variant][context], each replica answering a contiguous share."""
+        shares = [list(c) for c in np.array_split(np.arange(len(contexts)), len(self.replicas)) if len(c)]
+        refs = []
+        for k, indices in enumerate(shares):
+            args = ([list(contexts[i]) for i in indices], max_tokens, list(variants))
+            self.wire["sent"] += _wire_size(args)
+            refs.append(self.replicas[k].generate.remote(*args))
+        parts = self._gather(refs, "generate", list(range(len(shares))))
+        self.wire["received"] += sum(_wire_size(part) for part in parts)
+        return [[text for part in parts for text in part[v]] for v in range(len(variants))]
 
     def master(self) -> dict:
         tensors = self._gather([self.replicas[0].master.remote()], "master")[0]

@@ -1,0 +1,220 @@
+"""Scaling out: data-parallel replicas on Ray and tensor parallelism inside one engine.
+
+The engine tests start engines of their own (the feature is more than one engine): a 3-way
+tensor-parallel engine (the default model has 9 attention heads, so 2-way is refused), then
+two replicas on a local Ray cluster, each on one core.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes
+from mezo_vllm.config import ConfigError, TuneConfig
+from mezo_vllm.data import Request, load_task
+from mezo_vllm.engine import EngineConfig
+from mezo_vllm.estimator import ZOSGD
+from mezo_vllm.replicas import shard_requests
+from mezo_vllm.trainer import EngineFailed, Split, load_checkpoint, mezo_step, tune
+
+
+def _requests(lengths_per_example: list[list[int]]) -> list[Request]:
+    out = []
+    for example, lengths in enumerate(lengths_per_example):
+        for target, n in enumerate(lengths):
+            out.append(Request(example, target, tuple(range(n)), n - 1))
+    return out
+
+
+def test_shards_keep_an_examples_requests_together_and_balance_tokens():
+    rng = np.random.default_rng(0)
+    requests = _requests([[int(n)] * int(k) for n, k in zip(rng.integers(5, 200, 40), rng.integers(1, 4, 40))])
+    for n in (1, 2, 3, 7):
+        shards = shard_requests(requests, n)
+        assert sorted(i for s in shards for i in s) == list(range(len(requests)))
+        home = {}
+        for k, shard in enumerate(shards):
+            for i in shard:
+                assert home.setdefault(requests[i].example, k) == k
+        load = [sum(len(requests[i].token_ids) for i in s) for s in shards]
+        biggest_example = max(sum(len(r.token_ids) for r in requests if r.example == e) for e in home)
+        assert max(load) - min(load) <= biggest_example
+
+
+def test_fewer_examples_than_replicas_leaves_replicas_idle():
+    shards = shard_requests(_requests([[10, 10]]), 3)
+    assert sorted(len(s) for s in shards) == [0, 0, 2]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("replicas", 0, "--replicas must be ≥ 1"),
+    ("tensor_parallel_size", 0, "--tensor-parallel-size must be ≥ 1"),
+    ("pipeline_parallel_size", -1, "--pipeline-parallel-size must be ≥ 1"),
+    ("ray_address", " ", "--ray-address is empty"),
+])
+def test_scale_out_settings_are_validated(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TuneConfig(out="x", task="sst2", **{field: value}).validate()
+
+
+def test_the_reference_engine_does_not_scale_out():
+    with pytest.raises(ConfigError, match="go with --engine vllm"):
+        TuneConfig(out="x", task="sst2", engine="reference", replicas=2).validate()
+
+
+def test_worker_plugin_is_registered_and_patches_only_when_asked():
+    assert "mezo_vllm.patches.plugin:load" in {e.value for e in entry_points(group="vllm.general_plugins")}
+    code = ("from mezo_vllm.patches import plugin; plugin.load(); "
+            "from vllm.v1.worker.gpu_model_runner import GPUModelRunner as R; "
+            "print(bool(getattr(R, '_mezo_vllm_patch_span_logprobs', False)))")
+    env = {k: v for k, v in os.environ.items() if k != "MEZO_VLLM_WORKER_PATCHES"}
+    for level, expected in ((None, "False"), ("required", "False"), ("all", "True")):
+        run_env = env if level is None else {**env, "MEZO_VLLM_WORKER_PATCHES": level}
+        out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == expected, level
+
+
+def test_tensor_parallel_sizes_vllm_refuses_are_one_line_errors(model_dir, initial_adapter):
+    from mezo_vllm.engine import VllmEngine
+
+    with pytest.raises(ConfigError) as e:
+        VllmEngine(EngineConfig(model=model_dir, dtype="float32", tensor_parallel_size=2), initial_adapter)
+    assert "\n" not in str(e.value)
+    assert "attention heads (9) must be divisible by tensor parallel size (2)" in str(e.value)
+
+
+def _run(tmp_path, name, engine, **overrides):
+    settings = dict(out=str(tmp_path / name), task="sst2", steps=4, batch_size=8, lr=5e-3,
+                    lr_schedule="constant", eval_every=0, eval_examples=12, save_every=2)
+    cfg = TuneConfig(**{**settings, **overrides})
+    summary = tune(cfg, engine=engine)
+    return tmp_path / name, summary
+
+
+def _trajectory(run):
+    return [json.loads(line) for line in (run / "trajectory.jsonl").read_text().splitlines()]
+
+
+EPS = TuneConfig(out="").eps
+
+
+def _assert_same_run(a, b, tol=1e-5):
+    """Losses within `tol` (fp32 sums in another order), so g = ΔL/2ε within tol/ε; adapters
+    within `tol`."""
+    ta, tb = _trajectory(a), _trajectory(b)
+    assert [r["seed"] for r in ta] == [r["seed"] for r in tb]
+    for ra, rb in zip(ta, tb, strict=True):
+        for key, limit in (("loss_plus", tol), ("loss_minus", tol), ("g", tol / EPS)):
+            assert abs(ra[key] - rb[key]) <= limit, (key, ra, rb)
+    wa = LoraAdapter.load(a / "adapter").tensors
+    wb = LoraAdapter.load(b / "adapter").tensors
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < tol
+    assert any(float(wa[k].abs().max()) > 0 for k in wa if "lora_B" in k)  # it did train
+
+
+@pytest.fixture(scope="module")
+def one_engine_run(tmp_path_factory, engine_fp32):
+    """The short run on the shared in-process engine that the scaled-out runs must reproduce."""
+    return _run(tmp_path_factory.mktemp("one"), "one", engine_fp32)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_engine_same_trajectory_as_one_worker(tmp_path, one_engine_run):
+    """`tune --tensor-parallel-size 3` (each worker regenerates the whole z, vLLM's LoRA layers
+    take their shard) against the unsharded engine: same losses, g and adapter. In a process of
+    its own: vLLM's parallel state is per process, and this test's engine must not share it."""
+    out = tmp_path / "tp3"
+    flags = {"--task": "sst2", "--steps": 4, "--batch-size": 8, "--lr": 5e-3, "--lr-schedule": "constant",
+             "--eval-every": 0, "--eval-examples": 12, "--save-every": 2, "--tensor-parallel-size": 3,
+             "--out": out}
+    cli = Path(sys.executable).parent / "mezo-vllm"
+    command = [str(cli), "tune", *(str(x) for kv in flags.items() for x in kv)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_run(one_engine_run[0], out)
+
+
+@pytest.fixture(scope="module")
+def replicated(model_dir, initial_adapter):
+    from mezo_vllm.replicas import ReplicatedEngine
+
+    engine = ReplicatedEngine(EngineConfig(model=model_dir, dtype="float32"), initial_adapter, replicas=2)
+    yield engine
+    engine.close()
+
+
+@pytest.mark.slow
+def test_two_replicas_same_trajectory_as_one_engine(tmp_path, one_engine_run, replicated):
+    import ray
+
+    one, before_one = one_engine_run
+    two, before_two = _run(tmp_path, "two", replicated)
+    _assert_same_run(one, two)
+    assert before_two["before"]["accuracy"] == before_one["before"]["accuracy"]  # eval is sharded too
+    masters = ray.get([r.master.remote() for r in replicated.replicas])
+    assert all(torch.equal(masters[0][k], m[k]) for m in masters[1:] for k in m)
+
+
+@pytest.mark.slow
+def test_bytes_per_step_do_not_grow_with_the_adapter(replicated, model_dir):
+    """A step's traffic is seeds, scalars, token ids and per-request sums: the same for a q/v
+    adapter and an all-linear one several times its size."""
+    shapes = model_linear_shapes(model_dir)
+    split = Split.make(load_task("sst2").train, replicated.tokenizer, 1024, "truncate")
+    requests = split.requests_of(sorted(split.by_example)[:8])
+    per_step, sizes = [], []
+    for targets in (("q_proj", "v_proj"), tuple(sorted({m.rsplit(".", 1)[-1] for m in shapes}))):
+        adapter = LoraAdapter.init(LoraSpec(targets=targets), shapes, seed=1)
+        replicated.load_master(adapter)
+        before = dict(replicated.wire)
+        mezo_step(replicated, split, requests, [77], 1e-2, ZOSGD(), 1e-3)
+        per_step.append({k: replicated.wire[k] - before[k] for k in before})
+        sizes.append(adapter.num_params())
+    assert sizes[1] > 4 * sizes[0]
+    assert per_step[0] == per_step[1]
+    assert 0 < per_step[0]["sent"] + per_step[0]["received"] < sizes[0] * 4 / 100
+
+
+@pytest.mark.slow
+def test_a_replica_that_dies_stops_the_run_with_the_checkpoint_intact(tmp_path, engine_fp32, replicated):
+    """Kill replica 1's process after the step-2 checkpoint: the run stops naming the replica,
+    and the checkpoint is the adapter of 2 steps (equal to a 2-step run on one engine)."""
+
+    class KillAfterTwoSteps:
+        def __init__(self, engine):
+            self.engine, self.updates = engine, 0
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def apply_update(self, update):
+            self.engine.apply_update(update)
+            self.updates += 1
+
+        def write_variants(self, writes):
+            if self.updates == 3:
+                os.kill(self.engine.pids[1], signal.SIGKILL)
+            self.engine.write_variants(writes)
+
+    with pytest.raises(EngineFailed) as e:
+        _run(tmp_path, "killed", KillAfterTwoSteps(replicated), steps=6, save_every=2)
+    message = str(e.value)
+    assert "replica 1 of 2" in message and "died" in message
+    assert "last checkpoint (step 2) is intact" in message and "--resume" in message
+    adapter, step = load_checkpoint(tmp_path / "killed")
+    assert step == 2
+    reference, _ = _run(tmp_path, "two-steps", engine_fp32, steps=2)
+    expected = LoraAdapter.load(reference / "adapter").tensors
+    assert max(float((adapter.tensors[k] - expected[k]).abs().max()) for k in expected) < 1e-5
