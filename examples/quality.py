@@ -102,8 +102,9 @@ def mezo_config(task: str, out: Path, **overrides: Any):
 
     steps = MEZO_STEPS[task]
     generation = task in ("squad", "drop")
-    values = dict(COMMON, out=str(out), task=task, steps=steps, lr=MEZO_LR.get(task, COMMON["lr"]), eval_every=250 if steps > 1000 else steps // 2,
-                  save_every=250 if steps > 1000 else steps // 2, eval_examples=50 if generation else 0)
+    every = 250 if steps > 1000 else steps // 2
+    values = dict(COMMON, out=str(out), task=task, steps=steps, lr=MEZO_LR.get(task, COMMON["lr"]),
+                  eval_every=every, save_every=every, eval_examples=50 if generation else 0)
     values.update(overrides)
     return TuneConfig(**values)
 
@@ -121,8 +122,11 @@ def mezo(tasks: Sequence[str]) -> None:
 
     engine = _engine()
     for task in tasks:
-        split = _test_split(task, engine.tokenizer)
         record = _load(f"{task}-mezo") or {}
+        first = _load(f"{task}-first-order")
+        if "mezo" in record and (first is None or "test" in first):
+            continue  # scored already
+        split = _test_split(task, engine.tokenizer)
         if "zero_shot" not in record:
             record["zero_shot"] = _metric(engine, split, None)
             _save(f"{task}-mezo", record)
@@ -143,7 +147,6 @@ def mezo(tasks: Sequence[str]) -> None:
         _save(f"{task}-mezo", record)
         click.echo(f"{task}: zero-shot {record['zero_shot']:.4f}, MeZO-LoRA {record['mezo']:.4f} "
                    f"({record['train_s']:.0f} s)")
-        first = _load(f"{task}-first-order")
         if first is not None and "test" not in first:  # scored here, saving an engine start
             first["test"] = _score_adapter(engine, split, OUT / f"{task}-first-order" / "adapter")
             _save(f"{task}-first-order", first)
