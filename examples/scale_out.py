@@ -103,11 +103,11 @@ def main() -> None:
         start = time.perf_counter() - t0
         rows.append({**_measure(f"{n} Ray replica(s)", engine, split, args.steps, args.batch_size),
                      "start_s": start})
-        if n == 2:  # the same step's bytes with an adapter on every linear layer
+        if n == 2:  # the same steps' bytes with an adapter on every linear layer
             big = LoraAdapter.init(LoraSpec(targets=tuple(sorted({m.rsplit(".", 1)[-1] for m in shapes}))),
                                    shapes, seed=0)
             engine.load_master(big)
-            row = _measure("2 Ray replicas, all-linear adapter", engine, split, 1, args.batch_size)
+            row = _measure("2 Ray replicas, all-linear adapter", engine, split, args.steps, args.batch_size)
             rows.append({**row, "adapter_params": big.num_params()})
         engine.close()
     rows[0]["adapter_params"] = adapter.num_params()
