@@ -90,7 +90,7 @@ class _Replica:
 class ReplicatedEngine:
     """`replicas` engines on Ray (a local cluster by default, or the one at `address`), used by
     the trainer like one engine. `wire` counts the pickled bytes sent to and received from the
-    replicas, by kind of call."""
+    replicas (what a step costs on the network)."""
 
     def __init__(self, config: EngineConfig, adapter: LoraAdapter, replicas: int,
                  address: str | None = None) -> None:
@@ -107,7 +107,7 @@ class ReplicatedEngine:
                          logging_level="WARNING", object_store_memory=256 << 20)
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if cpus < replicas:
-            raise ConfigError(f"--replicas {replicas}: the Ray cluster at {address} has {cpus} CPUs, "
+            raise ConfigError(f"--replicas {replicas}: the Ray cluster at {address or 'this machine'} has {cpus} CPUs, "
                               "one per replica is needed")
         threads = max(1, cpus // replicas)
         gpus = config.tensor_parallel_size * config.pipeline_parallel_size
