@@ -279,7 +279,7 @@ def first_order(task: str, steps: int | None, name: str | None) -> None:
         loss.backward()
         optimizer.step()
         schedule.step()
-        if (step + 1) % max(steps // 6, 1) == 0 or step + 1 == steps:
+        if (step + 1) % max(steps // (6 if task == "sst2" else 2), 1) == 0 or step + 1 == steps:
             dev_metric(step + 1)
     train_s = time.perf_counter() - t0
     folder = OUT / name
