@@ -208,7 +208,9 @@ class VllmEngine:
                 self.llm = LLM(
                     model=config.model,
                     dtype=config.dtype,
-                    max_model_len=config.max_model_len,
+                    # + 1: a scoring request asks for one generated token after its prompt, and
+                    # vLLM refuses a prompt of max_model_len tokens plus that one
+                    max_model_len=config.max_model_len + 1,
                     enable_lora=True,
                     max_loras=config.n_variants + 1,  # + one slot for adapters read from disk
                     max_cpu_loras=config.n_variants + 1,

@@ -65,3 +65,16 @@ def test_f1_objective_refuses_classification_data(tmp_path):
     with pytest.raises(ConfigError, match="--objective f1 scores generated answers: sst2/train is classification"):
         tune(TuneConfig(out=str(tmp_path / "run"), task="sst2", objective="f1"))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_request_of_the_full_length_limit_scores(engine_fp32, initial_adapter):
+    """tokenize() lets a request be max_model_len tokens long (BoolQ's longest passages are);
+    the engine must still score it, although vLLM counts one generated token on top."""
+    from mezo_vllm.data import Request
+
+    engine_fp32.load_master(initial_adapter)
+    n = engine_fp32.max_model_len
+    word = engine_fp32.tokenizer(" the", add_special_tokens=False)["input_ids"][0]
+    request = Request(0, 0, (word,) * n, span_start=n - 1)
+    sums = engine_fp32.score([request], [None])
+    assert sums.shape == (1, 1) and -50 < sums[0, 0] < 0
