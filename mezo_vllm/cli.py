@@ -167,7 +167,8 @@ def _resumed_config(resume_dir: str, targets: str, stock_vllm: bool, options: di
         if not (_same_model(value, old) if name == "model" else value == old):
             shown = flag if param == "stock_vllm" else f"{flag} {value}"
             raise ConfigError(f"{shown}: the run in {resume_dir} was started with {name}={old!r}; "
-                              "a resumed run keeps its settings (only --steps may change)")
+                              "a resumed run keeps its settings (only --steps, --trust-remote-code "
+                              "and the scale-out options may change)")
     cfg = dataclasses.replace(cfg, **{k: options[k] for k in _SCALE_OUT if on_command_line(k)})
     return dataclasses.replace(cfg, out=resume_dir, trust_remote_code=options["trust_remote_code"],
                                steps=options["steps"] if on_command_line("steps") else cfg.steps)
