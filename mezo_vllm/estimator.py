@@ -75,7 +75,7 @@ class ZOSGD:
         return Update(terms=terms, decay=lr * self.weight_decay)
 
     def restore(self, records: Sequence[dict[str, Any]]) -> None:
-        pass
+        """ZO-SGD keeps no state between steps: nothing to rebuild."""
 
 
 @dataclass

@@ -423,7 +423,7 @@ def test_cli_ctrl_c_then_sigkill_then_resume_equals_an_uninterrupted_run(tmp_pat
 # --------------------------------------------------------------------------- safe loading
 
 class EngineStarted(Exception):
-    pass
+    """Raised by the recording engine once it has seen its config: the run need go no further."""
 
 
 def test_trust_remote_code_reaches_the_engine_only_when_asked(tmp_path, monkeypatch, initial_adapter, model_dir):
