@@ -1,6 +1,6 @@
 """The vLLM engine as MeZO's forward-pass engine: variant slots written in place, span scoring.
 
-Everything that touches vLLM lives here or in `patches/`. The engine holds one `LLM` with LoRA
+Everything that touches vLLM lives here or in `mezo_vllm/patches/`. The engine holds one `LLM` with LoRA
 enabled and one slot per variant (θ+εz, θ−εz, ...). The fp32 master adapter lives on the worker
 side; the driver sends seeds and scalars only, and each worker regenerates z for its tensors.
 """
@@ -64,7 +64,7 @@ def _block_size(config: EngineConfig) -> dict[str, int]:
 def _worker_env(config: EngineConfig) -> dict[str, str]:
     """Environment for the worker processes vLLM starts (tensor/pipeline parallel engines).
 
-    They apply our patches through the `vllm.general_plugins` entry point (patches/plugin.py),
+    They apply our patches through the `vllm.general_plugins` entry point (mezo_vllm/patches/plugin.py),
     which acts only when asked. On CPU, vLLM's default thread binding ("auto") puts one rank on
     each NUMA node and refuses more ranks than nodes (one node on small machines): unless the user
     set VLLM_CPU_OMP_THREADS_BIND, this process's cores are split between the ranks instead.

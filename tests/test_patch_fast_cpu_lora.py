@@ -1,4 +1,4 @@
-"""patches/fast_cpu_lora: per-segment LoRA matmuls equal upstream's per-token ops; no engine."""
+"""mezo_vllm/patches/fast_cpu_lora: per-segment LoRA matmuls equal upstream's per-token ops; no engine."""
 
 from __future__ import annotations
 

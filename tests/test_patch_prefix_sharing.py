@@ -1,4 +1,4 @@
-"""patches/prefix_sharing: span requests share cached prefixes, never over their target span."""
+"""mezo_vllm/patches/prefix_sharing: span requests share cached prefixes, never over their target span."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""patches/span_logprobs: target-span log-probs equal upstream's prompt log-probs and transformers.
+"""mezo_vllm/patches/span_logprobs: target-span log-probs equal upstream's prompt log-probs and transformers.
 
 The unit tests drive the patch's step hook with a fake runner (chunk accounting, per-row lm_head
 LoRA slots); the engine tests use the session's fp32 engine (`engine_fp32`, fast=True).
