@@ -38,7 +38,7 @@ def projected_gradients(dtype: str, n_seeds: int) -> dict[str, list[float]]:
         grads = []
         for seed in range(n_seeds):
             engine.write_variants([(seed, eps), (seed, -eps)])
-            plus, minus = (batch_loss(split, requests, row) for row in engine.score(requests, [0, 1]))
+            plus, minus = batch_loss(split, requests, engine.score(requests, [0, 1])).tolist()
             grads.append(projected_gradient(plus, minus, eps))
         out[str(eps)] = grads
     return out

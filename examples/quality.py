@@ -169,58 +169,30 @@ def _tune_command(cfg: Any) -> str:
 
 # --------------------------------------------------------------------------- first-order LoRA
 
-def _option_scores(body: Any, lm_head: Any, requests: Sequence[Any]) -> list[Any]:
-    """Mean target-token log-prob of each request (as data.example_losses scores options), with
-    gradients. Requests with a one-token target share one forward pass of their context (all
-    options of SST-2, RTE, BoolQ); the lm_head runs on the target rows only."""
+def _column_sums(body: Any, lm_head: Any, requests: Sequence[Any]) -> Any:
+    """Summed target log-prob of every scored column (as `engine.score` returns them), with
+    gradients: one padded forward pass of the requests (options that differ in their last
+    token share one request), the lm_head on the target rows only."""
     import torch
 
-    sequences: dict[tuple[int, ...], int] = {}
-    rows = []
-    for r in requests:
-        single = len(r.token_ids) - r.span_start == 1
-        key = tuple(r.token_ids[: r.span_start]) if single else tuple(r.token_ids)
-        index = sequences.setdefault(key, len(sequences))
-        rows.append((index, list(range(r.span_start - 1, len(r.token_ids) - 1)), list(r.token_ids[r.span_start:])))
-    width = max(len(s) for s in sequences)
-    ids = torch.zeros(len(sequences), width, dtype=torch.long)
-    mask = torch.zeros(len(sequences), width, dtype=torch.long)
-    for seq, i in sequences.items():
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
+    width = max(len(r.token_ids) for r in requests)
+    ids = torch.zeros(len(requests), width, dtype=torch.long)
+    mask = torch.zeros(len(requests), width, dtype=torch.long)
+    for i, r in enumerate(requests):
+        ids[i, : len(r.token_ids)] = torch.tensor(r.token_ids)
+        mask[i, : len(r.token_ids)] = 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
-        index = torch.tensor([i for i, pos, _ in rows for _ in pos])
-        position = torch.tensor([p for _, pos, _ in rows for p in pos])
+        index = torch.tensor([i for i, r in enumerate(requests) for _ in range(r.n_targets)])
+        position = torch.tensor([p for r in requests for p in range(r.span_start - 1, len(r.token_ids) - 1)])
         logits = lm_head(hidden[index, position])
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    targets = torch.tensor([t for _, _, tgt in rows for t in tgt])
-    picked = logprobs[torch.arange(len(targets)), targets]
     out, start = [], 0
-    for _, pos, _ in rows:
-        out.append(picked[start : start + len(pos)].mean())
-        start += len(pos)
-    return out
-
-
-def _fo_loss(split: Any, requests: Sequence[Any], scores: Sequence[Any]) -> Any:
-    """data.example_losses on differentiable scores: cross-entropy over options, or mean NLL."""
-    import torch
-
-    from mezo_vllm.data import CLASSIFICATION
-
-    groups: dict[int, list[tuple[Any, Any]]] = {}
-    for r, s in zip(requests, scores):
-        groups.setdefault(r.example, []).append((r, s))
-    losses = []
-    for index, scored in groups.items():
-        if split.dataset.kind == CLASSIFICATION:
-            by_target = {r.target: s for r, s in scored}
-            options = torch.stack([by_target[t] for t in range(len(by_target))])
-            losses.append(torch.logsumexp(options, 0) - options[split.dataset.examples[index].label])
-        else:
-            losses.append(-scored[0][1])
-    return torch.stack(losses).mean()
+    for r in requests:
+        rows = logprobs[start : start + r.n_targets]
+        out.append(rows.gather(-1, torch.tensor(r.candidates)).sum(0))
+        start += r.n_targets
+    return torch.cat(out)
 
 
 @main.command("first-order")
@@ -233,8 +205,9 @@ def first_order(task: str, steps: int | None, name: str | None) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mezo_vllm.data import CLASSIFICATION, accuracy, load_task
+    from mezo_vllm.data import CLASSIFICATION, load_task
     from mezo_vllm.model import resolve_model
+    from mezo_vllm.objective import accuracy, batch_loss
     from mezo_vllm.trainer import Split, batch_examples
 
     budget, batch = FO[task]
@@ -261,11 +234,8 @@ def first_order(task: str, steps: int | None, name: str | None) -> None:
         if dev.dataset.kind != CLASSIFICATION:
             return
         with torch.no_grad():
-            means = []
-            for i in range(0, len(dev.requests), 32):
-                means += [float(s) for s in _option_scores(body, lm_head, dev.requests[i : i + 32])]
-        # data.accuracy takes summed log-probs and divides by the target length itself
-        sums = [m * (len(r.token_ids) - r.span_start) for m, r in zip(means, dev.requests)]
+            sums = torch.cat([_column_sums(body, lm_head, dev.requests[i : i + 32])
+                              for i in range(0, len(dev.requests), 32)])
         curve.append({"step": step, "accuracy": accuracy(dev.dataset.examples, dev.requests, sums),
                       "wall_s": time.perf_counter() - t0})
         click.echo(f"step {step}: dev accuracy {curve[-1]['accuracy']:.4f}")
@@ -274,7 +244,8 @@ def first_order(task: str, steps: int | None, name: str | None) -> None:
     dev_metric(0)
     for step in range(steps):
         requests = train.requests_of(batch_examples(0, step, examples, batch))
-        loss = _fo_loss(train, requests, _option_scores(body, lm_head, requests))
+        loss = batch_loss(train.dataset.examples, train.dataset.kind, requests,
+                          _column_sums(body, lm_head, requests))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -45,7 +45,7 @@ class _Timed:
     def step(self, split, requests, seed, eps, lr):
         self._time("write", self.engine.write_variants, [(seed, eps), (seed, -eps)])
         sums = self._time("score", self.engine.score, requests, [0, 1])
-        losses = [batch_loss(split, requests, row) for row in sums]
+        losses = batch_loss(split, requests, sums).tolist()
         g = (losses[0] - losses[1]) / (2 * eps)
         self._time("apply", self.engine.apply_update, ZOSGD().update([seed], [g], lr))
         return losses

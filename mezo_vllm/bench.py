@@ -1,35 +1,48 @@
-"""`mezo-vllm bench`: transformers+PEFT, stock vLLM and patched vLLM, side by side in one run.
+"""`mezo-vllm bench`: mezo-vllm, stock vLLM and a batched transformers+PEFT loop, side by side.
 
-Patches change vLLM classes for the whole process, so each (backend, dtype) runs in its own
-child process (`python -m mezo_vllm.bench BACKEND DTYPE`) on the same workloads, adapter and
-seeds; the parent collects their JSON and prints ratios, which stay meaningful on a noisy
-machine where absolute times drift.
+Each backend runs the same MeZO steps (same workloads, adapter shape, batches) end to end in
+its own child process (`python -m mezo_vllm.bench BACKEND DTYPE STEPS`): patches change vLLM
+classes for the whole process, and one process at a time keeps the measurement clean. The
+parent prints ratios, which stay meaningful on a noisy machine where absolute times drift, and
+the machine's own matmul peak (measured the way vLLM's CPU linear layers run), so that each
+backend's throughput reads as a fraction of what the hardware can do.
+
+- patched: `VllmEngine` as `mezo-vllm tune` runs it (options that differ in their last token
+  in one request, target rows only, shared prefixes).
+- stock: vLLM 0.32's own prompt log-probs, one request per option (the crash fix
+  `lora_prompt_logprobs` only, without which LoRA cannot score prompts on CPU).
+- peft: `baseline.PeftMezoLoop`, the loop a competent transformers user writes (batched, padded,
+  the option logits of the last position only).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from .adapter import LoraAdapter, LoraSpec, model_linear_shapes
+from .config import DTYPES
 from .data import CLASSIFICATION, COMPLETION, Dataset, Example, load_task
 from .estimator import ZOSGD
 from .model import resolve_model
 from .trainer import Split, batch_examples, mezo_step, step_seed
 
-BACKENDS = ("reference", "stock", "patched")
-DTYPES = ("float32", "bfloat16")
+BACKENDS = ("patched", "stock", "peft")
+LABELS = {"patched": "mezo-vllm", "stock": "stock vLLM", "peft": "transformers+PEFT (batched)"}
 BATCH = 16
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+EPS, LR = 1e-2, 1e-4
+SPEC = LoraSpec()  # the default adapter: r 8, α 16, q_proj/v_proj
+PEAK_SHAPE = (1024, 576, 1536)  # tokens × hidden → intermediate: the model's largest GEMMs
+NATIVE = 0.25  # a dtype runs here if its matmul reaches this fraction of fp32's
 
 
 @dataclass(frozen=True)
@@ -40,7 +53,8 @@ class Workload:
 
 
 def workloads(tokenizer: Any) -> list[Workload]:
-    """(i) SST-2 steps; (ii) a shared 512-token few-shot prefix; (iii) 256-token completions."""
+    """(i) SST-2, the default task; (ii) a shared 512-token few-shot prefix; (iii) 256-token
+    completions (32-token targets)."""
     sst2 = load_task("sst2")
     labelled = [f"{e.prompt}{e.targets[e.label]}\n" for e in sst2.train.examples]
     prefix, i = "", 0
@@ -52,51 +66,104 @@ def workloads(tokenizer: Any) -> list[Workload]:
     completions = [Example(tokenizer.decode(w[:256]), (tokenizer.decode(w[256:]),), None) for w in windows]
     return [
         Workload("sst2", "SST-2 MeZO steps, batch 16, 2 options", sst2.train),
-        Workload("fewshot", "16 examples sharing a 512-token prefix, 2 options", Dataset("fewshot", CLASSIFICATION, fewshot)),
-        Workload("completion", "completion loss, 256-token prompts", Dataset("completion", COMPLETION, tuple(completions))),
+        Workload("fewshot", "16 examples after one 512-token few-shot prefix, 2 options",
+                 Dataset("fewshot", CLASSIFICATION, fewshot)),
+        Workload("completion", "completion loss, 256-token prompts, 32-token targets",
+                 Dataset("completion", COMPLETION, tuple(completions))),
     ]
 
 
-def _engine(backend: str, dtype: str, model_dir: str, adapter: LoraAdapter) -> Any:
-    if backend == "reference":
-        from .reference import ReferenceEngine
+def flops_per_token(model_dir: str) -> float:
+    """Matmul FLOPs of one token through the decoder layers (the lm_head, run on target rows
+    only, and attention scores, short here, are left out)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    shapes = model_linear_shapes(model_dir)
+    per_layer = sum(out * inp for name, (out, inp) in shapes.items() if ".layers.0." in name)
+    return 2.0 * per_layer * config["num_hidden_layers"]
 
-        return ReferenceEngine(model_dir, adapter, dtype=dtype, batch_size=BATCH)
-    from .engine import EngineConfig, VllmEngine
 
-    return VllmEngine(EngineConfig(model=model_dir, dtype=dtype, fast=backend == "patched"), adapter)
+def matmul_peak(dtype: str, repeat: int = 20) -> float:
+    """GFLOP/s of the GEMM vLLM's CPU linear layers run (oneDNN where it takes the dtype, else
+    torch), on the model's largest shape, best of `repeat`."""
+    m, k, n = PEAK_SHAPE
+    t = getattr(torch, dtype)
+    x, w = torch.randn(m, k, dtype=t), torch.randn(n, k, dtype=t)
+    linear: Callable[[], Any] = lambda: torch.nn.functional.linear(x, w)
+    try:
+        from vllm import _custom_ops as ops
+
+        handler = ops.create_onednn_mm(w.t(), 32)
+        onednn: Callable[[], Any] = lambda: ops.onednn_mm(handler, x, None)
+        candidates = [linear, onednn]
+    except (ImportError, AttributeError, RuntimeError):
+        candidates = [linear]
+    best = 0.0
+    for fn in candidates:
+        fn()
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+class _Peft:
+    """`baseline.PeftMezoLoop` behind the two calls the benchmark makes."""
+
+    def __init__(self, model_dir: str, dtype: str):
+        from .baseline import PeftMezoLoop
+
+        self.loop = PeftMezoLoop(model_dir, dtype, SPEC.r, SPEC.alpha, SPEC.targets)
+        self.tokenizer = self.loop.tokenizer
+
+    def step(self, split: Split, requests: list, seed: int) -> list[float]:
+        return list(self.loop.step(split.dataset, requests, seed, EPS, LR))
+
+
+class _Vllm:
+    def __init__(self, model_dir: str, dtype: str, fast: bool):
+        from .engine import EngineConfig, VllmEngine
+
+        adapter = LoraAdapter.init(SPEC, model_linear_shapes(model_dir), seed=0)
+        self.engine = VllmEngine(EngineConfig(model=model_dir, dtype=dtype, fast=fast), adapter)
+        self.tokenizer = self.engine.tokenizer
+        self.estimator = ZOSGD()
+
+    def step(self, split: Split, requests: list, seed: int) -> list[float]:
+        return mezo_step(self.engine, split, requests, [seed], EPS, self.estimator, LR)[0]
+
+    def lora_vs_no_lora(self, requests: list) -> float:
+        """Scoring time without an adapter ÷ with the two variant slots, same requests."""
+        times = {}
+        for name, variants in (("base", [None, None]), ("lora", [0, 1])):
+            self.engine.score(requests, variants)
+            t0 = time.perf_counter()
+            self.engine.score(requests, variants)
+            times[name] = time.perf_counter() - t0
+        return times["base"] / times["lora"]
 
 
 def measure(backend: str, dtype: str, steps: int) -> dict[str, Any]:
-    """MeZO steps/s and scoring tokens/s per workload, in this process."""
+    """Steps/s, forwarded tokens/s and the first step's losses per workload, in this process."""
     model_dir = str(resolve_model(None))
-    adapter = LoraAdapter.init(LoraSpec(targets=ALL_LINEAR), model_linear_shapes(model_dir), seed=0)
-    engine = _engine(backend, dtype, model_dir, adapter)
-    estimator = ZOSGD()
+    runner: Any = _Peft(model_dir, dtype) if backend == "peft" else _Vllm(model_dir, dtype, backend == "patched")
     results: dict[str, Any] = {}
-    warmed = False
-    for work in workloads(engine.tokenizer):
-        split = Split.make(work.dataset, engine.tokenizer, 1024, "truncate")
+    for k, work in enumerate(workloads(runner.tokenizer)):
+        split = Split.make(work.dataset, runner.tokenizer, 1024, "truncate")
         examples = sorted(split.by_example)
         batches = [split.requests_of(batch_examples(0, s, examples, BATCH)) for s in range(steps + 1)]
-        if not warmed:  # the engine's first call pays one-off costs (allocation, kernel selection)
-            mezo_step(engine, split, batches[0], [step_seed(0, 0, 0)], 1e-2, estimator, 1e-4)
-            warmed = True
+        first = runner.step(split, batches[0], step_seed(0, 0, 0))  # pays one-off costs
+        counted = dict(runner.engine.tokens) if backend == "patched" else {}
         t0 = time.perf_counter()
         for s, requests in enumerate(batches[1:], start=1):
-            mezo_step(engine, split, requests, [step_seed(0, s, 0)], 1e-2, estimator, 1e-4)
+            runner.step(split, requests, step_seed(0, s, 0))
         step_time = (time.perf_counter() - t0) / steps
-        tokens = np.mean([sum(len(r.token_ids) for r in b) for b in batches[1:]]) * 2
-        record = {"steps_per_s": 1 / step_time, "tokens_per_s": tokens / step_time}
-        if backend == "patched" and work.name == "sst2":
-            requests = batches[1]
-            t0 = time.perf_counter()
-            engine.score(requests, [None, None])
-            base = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            engine.score(requests, [0, 1])
-            lora = time.perf_counter() - t0
-            record["lora_vs_no_lora"] = base / lora
+        record = {"steps_per_s": 1 / step_time, "first_losses": first}
+        if backend == "patched":
+            tokens = {key: runner.engine.tokens[key] - counted[key] for key in counted}
+            record["forwarded_tokens_per_s"] = (tokens["prompt"] - tokens["cached"]) / steps / step_time
+            if k == 0:
+                record["lora_vs_no_lora"] = runner.lora_vs_no_lora(batches[1])
         results[work.name] = record
     return results
 
@@ -108,23 +175,33 @@ def _child(args: list[str]) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def peak_rss(cli_args: list[str]) -> float:
-    """Peak resident memory (GiB) of one `mezo-vllm` command, run as a child process."""
-    return _child(["--rss", *cli_args])["peak_rss_gib"]
+def native_dtypes(peaks: dict[str, float]) -> list[str]:
+    """The dtypes whose matmuls this machine runs natively (bf16 without AVX-512-BF16 or AMX
+    is emulated, tens of times slower than fp32: a benchmark of it measures the emulation)."""
+    return [d for d in DTYPES if peaks[d] >= NATIVE * peaks["float32"]]
 
 
-def run_bench(out: Path, steps: int, echo: Any = print) -> dict[str, Any]:
+def run_bench(out: Path, steps: int, dtypes: list[str] | None = None, echo: Any = print) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"steps": steps, "runs": {}}
-    for dtype in DTYPES:
+    echo("measuring the matmul peak ...")
+    peaks = _child(["peak"])
+    chosen = dtypes or native_dtypes(peaks)
+    for d in DTYPES:
+        if d not in chosen:
+            echo(f"skipping {d}: its matmul runs at {peaks[d]:.1f} GFLOP/s here, fp32 at "
+                 f"{peaks['float32']:.0f} (not native on this CPU; --dtype {d} measures it anyway)")
+    results: dict[str, Any] = {"steps": steps, "peak_gflops": peaks, "dtypes": chosen,
+                               "flops_per_token": flops_per_token(str(resolve_model(None))), "runs": {}}
+    for dtype in chosen:
         for backend in BACKENDS:
-            echo(f"measuring {backend} vLLM / {dtype} ..." if backend != "reference" else f"measuring transformers+PEFT / {dtype} ...")
+            echo(f"measuring {LABELS[backend]} / {dtype} ...")
             results["runs"][f"{backend}/{dtype}"] = _child([backend, dtype, str(steps)])
     echo("measuring peak RSS of tune and eval ...")
     run = out / "rss-run"
-    tune_rss = peak_rss(["tune", "--task", "sst2", "--out", str(run), "--overwrite", "--steps", "5",
-                         "--eval-every", "0", "--eval-examples", "20"])
-    eval_rss = peak_rss(["eval", "--adapter", str(run / "adapter"), "--task", "sst2", "--split", "dev"])
+    tune_rss = _child(["rss", "tune", "--task", "sst2", "--out", str(run), "--overwrite", "--steps", "5",
+                       "--eval-every", "0", "--eval-examples", "20"])["peak_rss_gib"]
+    eval_rss = _child(["rss", "eval", "--adapter", str(run / "adapter"), "--task", "sst2",
+                       "--split", "dev"])["peak_rss_gib"]
     results["rss_gib"] = {"tune": tune_rss, "eval": eval_rss, "ratio": tune_rss / eval_rss}
     results["table"] = ratio_table(results)
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -134,28 +211,35 @@ def run_bench(out: Path, steps: int, echo: Any = print) -> dict[str, Any]:
 
 def ratio_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
-    for dtype in DTYPES:
+    for dtype in results["dtypes"]:
         runs = {b: results["runs"][f"{b}/{dtype}"] for b in BACKENDS}
-        for work in runs["patched"]:
-            p, s, r = runs["patched"][work], runs["stock"][work], runs["reference"][work]
+        for work, p in runs["patched"].items():
+            gflops = p["forwarded_tokens_per_s"] * results["flops_per_token"] / 1e9
             rows.append({
-                "dtype": dtype, "workload": work,
-                "patched_tokens_per_s": p["tokens_per_s"], "patched_steps_per_s": p["steps_per_s"],
-                "patched_vs_peft_steps": p["steps_per_s"] / r["steps_per_s"],
-                "patched_vs_stock_steps": p["steps_per_s"] / s["steps_per_s"],
+                "dtype": dtype, "workload": work, "patched_steps_per_s": p["steps_per_s"],
+                "vs_peft": p["steps_per_s"] / runs["peft"][work]["steps_per_s"],
+                "vs_stock": p["steps_per_s"] / runs["stock"][work]["steps_per_s"],
+                "forwarded_tokens_per_s": p["forwarded_tokens_per_s"],
+                "fraction_of_peak": gflops / results["peak_gflops"][dtype],
                 "lora_vs_no_lora": p.get("lora_vs_no_lora"),
+                "loss_gap_vs_peft": float(np.max(np.abs(np.subtract(p["first_losses"],
+                                                                     runs["peft"][work]["first_losses"])))),
             })
     return rows
 
 
 def format_table(results: dict[str, Any]) -> str:
-    lines = ["| dtype | workload | patched tokens/s | patched steps/s | patched ÷ transformers+PEFT | patched ÷ stock vLLM | LoRA ÷ no-LoRA |",
-             "|---|---|---|---|---|---|---|"]
+    peaks = ", ".join(f"{d} {g:.0f}" for d, g in results["peak_gflops"].items())
+    lines = [f"matmul peak here (GFLOP/s): {peaks}; {results['flops_per_token'] / 1e6:.0f} MFLOP per token",
+             "",
+             "| dtype | workload | mezo-vllm steps/s | ÷ transformers+PEFT | ÷ stock vLLM | forwarded tokens/s "
+             "| of the matmul peak | LoRA ÷ no-LoRA | first-step loss gap vs PEFT |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in results["table"]:
         lora = f"{row['lora_vs_no_lora']:.2f}" if row["lora_vs_no_lora"] else ""
-        lines.append(f"| {row['dtype']} | {row['workload']} | {row['patched_tokens_per_s']:.0f} | "
-                     f"{row['patched_steps_per_s']:.2f} | {row['patched_vs_peft_steps']:.2f}× | "
-                     f"{row['patched_vs_stock_steps']:.2f}× | {lora} |")
+        lines.append(f"| {row['dtype']} | {row['workload']} | {row['patched_steps_per_s']:.3f} | "
+                     f"{row['vs_peft']:.2f}× | {row['vs_stock']:.2f}× | {row['forwarded_tokens_per_s']:.0f} | "
+                     f"{row['fraction_of_peak']:.0%} | {lora} | {row['loss_gap_vs_peft']:.1e} |")
     rss = results["rss_gib"]
     lines.append(f"\npeak RSS: tune {rss['tune']:.2f} GiB, eval {rss['eval']:.2f} GiB, ratio {rss['ratio']:.3f}")
     return "\n".join(lines)
@@ -167,31 +251,38 @@ def plot_bench(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(DTYPES), figsize=(12, 4), sharey=False)
-    for ax, dtype in zip(axes, DTYPES):
+    dtypes = results["dtypes"]
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
         works = list(results["runs"][f"patched/{dtype}"])
         x = np.arange(len(works))
         for k, backend in enumerate(BACKENDS):
             vals = [results["runs"][f"{backend}/{dtype}"][w]["steps_per_s"] for w in works]
-            label = "transformers+PEFT" if backend == "reference" else f"{backend} vLLM"
-            ax.bar(x + (k - 1) * 0.27, vals, 0.27, label=label)
+            ax.bar(x + (k - 1) * 0.27, vals, 0.27, label=LABELS[backend])
         ax.set_xticks(x, works)
-        ax.set(title=f"MeZO steps/s ({dtype})", ylabel="steps/s (higher is better)")
+        ax.set(title=f"MeZO steps/s, end to end ({dtype})", ylabel="steps/s (higher is better)")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _main(argv: list[str]) -> None:
-    if argv[0] == "--rss":
-        from .cli import main as cli_main
+def _peak_rss(cli_args: list[str]) -> float:
+    """Peak resident memory (GiB) of one `mezo-vllm` command, run as this process's only child."""
+    import resource
 
-        try:
-            cli_main(argv[1:], standalone_mode=False)
-        finally:
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
-            print(json.dumps({"peak_rss_gib": rss}))
+    command = [sys.executable, "-c", "from mezo_vllm.cli import main; main()", *cli_args]
+    subprocess.run(command, check=True, capture_output=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (1 << 20)
+
+
+def _main(argv: list[str]) -> None:
+    if argv[0] == "rss":
+        print(json.dumps({"peak_rss_gib": _peak_rss(argv[1:])}))
+        return
+    if argv[0] == "peak":
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        print(json.dumps({d: matmul_peak(d) for d in DTYPES}))
         return
     backend, dtype, steps = argv
     print(json.dumps(measure(backend, dtype, int(steps))))

@@ -299,11 +299,14 @@ def validate(targets: str, **options: Any) -> None:
 
 @main.command()
 @click.option("--out", type=click.Path(), default="runs/bench", show_default=True)
-@click.option("--steps", type=int, default=2, show_default=True, help="timed MeZO steps per workload")
-def bench(out: str, steps: int) -> None:
-    """transformers+PEFT vs stock vLLM vs patched vLLM: a table of ratios, JSON and a PNG."""
+@click.option("--steps", type=int, default=3, show_default=True, help="timed MeZO steps per workload")
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16"]),
+              help="engine dtypes to measure (repeatable; default: those this CPU runs natively)")
+def bench(out: str, steps: int, dtypes: tuple[str, ...]) -> None:
+    """mezo-vllm vs stock vLLM vs a batched transformers+PEFT loop, end to end: a table of
+    ratios, JSON and a PNG."""
     from .bench import format_table, run_bench
 
-    results = run_bench(Path(out), steps, echo=click.echo)
+    results = run_bench(Path(out), steps, list(dtypes) or None, echo=click.echo)
     click.echo(format_table(results))
     click.echo(f"wrote {out}/bench.json and {out}/bench.png")

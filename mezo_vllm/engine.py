@@ -23,12 +23,12 @@ import torch
 
 from . import patches as _patches
 from .patches import plugin as _plugin
-from .adapter import LoraAdapter, Update, peft_key
+from .adapter import Direction, LoraAdapter, Update
 from .config import ConfigError
 from .data import Request
+from .worker import DISK_ADAPTER_ID, QUALNAME
 
 _BASE = None  # variant index meaning "the base model, no adapter"
-_DISK_ADAPTER_ID = 1_000_000  # the spare slot's adapter id; variant k uses id k + 1
 
 
 @dataclass(frozen=True)
@@ -116,84 +116,6 @@ def _refusal(error: Exception) -> str:
     return line.removeprefix("Value error, ").split(" [type=")[0]
 
 
-class _WorkerState:
-    """What a worker keeps between RPCs: the master adapter and where its tensors go in vLLM."""
-
-    def __init__(self, worker: Any, adapter: LoraAdapter):
-        runner = getattr(worker, "worker", worker).model_runner
-        self.manager = runner.lora_manager._adapter_manager
-        self.adapter = adapter
-        modules = adapter.modules()
-        self.layout: list[tuple[str, list[str | None]]] = []
-        for name in self.manager.modules:
-            parts = self.manager.packed_modules.get(name, [name])
-            mine = [p if p in modules else None for p in parts]
-            if any(mine):
-                self.layout.append((name, mine))
-        covered = {p for _, parts in self.layout for p in parts if p}
-        if covered != set(modules):
-            missing = sorted(set(modules) - covered)[:3]
-            raise RuntimeError(f"vLLM has no LoRA layer for adapter modules {missing}")
-        # `write` sets only this adapter's layers: an earlier adapter's other layers (a larger
-        # target set loaded before, e.g. by `load_master`) must not stay in the variant slots.
-        mine = {name for name, _ in self.layout}
-        for slot, adapter_id in enumerate(self.manager.lora_index_to_id):
-            if adapter_id is not None and adapter_id != _DISK_ADAPTER_ID:
-                for name, layer in self.manager.modules.items():
-                    if name not in mine:
-                        layer.reset_lora(slot)
-
-    def write(self, writes: list[tuple[int, int, float]]) -> None:
-        """Slot of adapter id ← θ + scale·z(seed) for each (id, seed, scale), α/r folded into B."""
-        variants = self.adapter.variants([(seed, scale) for _, seed, scale in writes])
-        scaling = self.adapter.spec.scaling
-        for (adapter_id, _, _), tensors in zip(writes, variants):
-            slot = self.manager.lora_index_to_id.index(adapter_id)
-            for name, parts in self.layout:
-                a = [None if p is None else tensors[peft_key(p, "A")] for p in parts]
-                b = [None if p is None else tensors[peft_key(p, "B")] * scaling for p in parts]
-                layer = self.manager.modules[name]
-                if len(parts) == 1:
-                    layer.set_lora(slot, a[0], b[0])
-                else:
-                    layer.set_lora(slot, a, b)
-
-    def read(self, adapter_id: int) -> dict[str, torch.Tensor]:
-        """The slot's weights as vLLM holds them, by PEFT name (α/r folded into B): what the
-        exact-restore test compares bitwise with a replay of the trajectory."""
-        slot = self.manager.lora_index_to_id.index(adapter_id)
-        out: dict[str, torch.Tensor] = {}
-        for name, parts in self.layout:
-            layer = self.manager.modules[name]
-            for i, part in enumerate(parts):
-                if part is None:
-                    continue
-                for matrix, stacked in (("A", layer.lora_a_stacked), ("B", layer.lora_b_stacked)):
-                    rows, cols = self.adapter.tensors[peft_key(part, matrix)].shape
-                    out[peft_key(part, matrix)] = stacked[i][slot, 0, :rows, :cols].clone()
-        return out
-
-
-def _rpc_install(worker: Any, spec: Any, tensors: dict[str, torch.Tensor]) -> None:
-    worker._mezo_state = _WorkerState(worker, LoraAdapter(spec, tensors).copy())
-
-
-def _rpc_write(worker: Any, writes: list[tuple[int, int, float]]) -> None:
-    worker._mezo_state.write(writes)
-
-
-def _rpc_apply(worker: Any, update: Update) -> None:
-    worker._mezo_state.adapter.apply(update)
-
-
-def _rpc_master(worker: Any) -> dict[str, torch.Tensor]:
-    return worker._mezo_state.adapter.copy().tensors
-
-
-def _rpc_read(worker: Any, adapter_id: int) -> dict[str, torch.Tensor]:
-    return worker._mezo_state.read(adapter_id)
-
-
 class VllmEngine:
     """One vLLM `LLM`, `n_variants` LoRA slots, and the master adapter on its workers."""
 
@@ -220,6 +142,7 @@ class VllmEngine:
                     kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)),
                     tensor_parallel_size=config.tensor_parallel_size,
                     pipeline_parallel_size=config.pipeline_parallel_size,
+                    worker_extension_cls=QUALNAME,
                     **_block_size(config),
                 )
         except ValueError as e:  # vLLM's config validation (pydantic's errors are ValueErrors)
@@ -233,15 +156,17 @@ class VllmEngine:
         # with patches.span_logprobs, one SamplingParams per request (its span rides in extra_args).
         self._params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         self._span_keys = itertools.count()
+        self.tokens = {"prompt": 0, "cached": 0}
         self._dir = tempfile.TemporaryDirectory(prefix="mezo-vllm-slots-")
         adapter.save(self._dir.name, base_model=config.model)
         self._names = itertools.count()
         self._loras = self._fresh_loras()
         self.score([Request(0, 0, (0, 0), 1)], list(range(config.n_variants)))  # load into slots
-        self._rpc(_rpc_install, adapter.spec, adapter.tensors)
+        self.load_master(adapter)
 
-    def _rpc(self, fn: Any, *args: Any) -> list[Any]:
-        return self.llm.collective_rpc(fn, args=args)
+    def _rpc(self, method: str, *args: Any) -> list[Any]:
+        """`worker.MezoWorkerExtension.<method>` on every worker, by name."""
+        return self.llm.collective_rpc(method, args=args)
 
     def _fresh_loras(self) -> list[Any]:
         """New names for the same slots: vLLM's prefix cache keys on the name, not the weights."""
@@ -257,25 +182,26 @@ class VllmEngine:
     def max_model_len(self) -> int:
         return self.config.max_model_len
 
-    def write_variants(self, writes: Sequence[tuple[int, float]]) -> None:
-        """Slot k ← θ + scaleₖ·z(seedₖ) for the k-th (seed, scale), computed from the master."""
+    def write_variants(self, writes: Sequence[tuple[Direction, float]]) -> None:
+        """Slot k ← θ + scaleₖ·z(directionₖ) for the k-th (direction, scale), computed from the
+        master."""
         if len(writes) > self.config.n_variants:
             raise ValueError(f"{len(writes)} variants for {self.config.n_variants} slots")
-        self._rpc(_rpc_write, [(k + 1, seed, scale) for k, (seed, scale) in enumerate(writes)])
+        self._rpc("mezo_write", [(k + 1, direction, scale) for k, (direction, scale) in enumerate(writes)])
         self._loras = self._fresh_loras()
 
     def apply_update(self, update: Update) -> None:
-        self._rpc(_rpc_apply, update)
+        self._rpc("mezo_apply_update", update)
 
     def master(self) -> dict[str, torch.Tensor]:
-        return self._rpc(_rpc_master)[0]
+        return self._rpc("mezo_master")[0]
 
     def load_master(self, adapter: LoraAdapter) -> None:
-        self._rpc(_rpc_install, adapter.spec, adapter.tensors)
+        self._rpc("mezo_install", adapter.spec, adapter.tensors)
 
     def slot_tensors(self, variant: int) -> dict[str, torch.Tensor]:
         """What variant slot k holds now (B times α/r, as vLLM computes with it)."""
-        return self._rpc(_rpc_read, variant + 1)[0]
+        return self._rpc("mezo_read_slot", variant + 1)[0]
 
     def score_from_disk(self, adapter_dir: str, requests: Sequence[Request]) -> np.ndarray:
         """Score with a PEFT folder loaded by vLLM itself (`LoRARequest`), in the spare slot.
@@ -284,11 +210,11 @@ class VllmEngine:
         """
         from vllm.lora.request import LoRARequest
 
-        lora = LoRARequest(f"disk-{next(self._names)}", _DISK_ADAPTER_ID, adapter_dir)
+        lora = LoRARequest(f"disk-{next(self._names)}", DISK_ADAPTER_ID, adapter_dir)
         try:
             return self._score_with(requests, [lora])[0]
         finally:
-            self.llm.llm_engine.remove_lora(_DISK_ADAPTER_ID)
+            self.llm.llm_engine.remove_lora(DISK_ADAPTER_ID)
 
     def greedy(self, prompts: Sequence[str], max_tokens: int, variant: int | None = _BASE) -> list[str]:
         """Greedy continuations, e.g. to check a model or to evaluate generation tasks."""
@@ -315,7 +241,8 @@ class VllmEngine:
         return [texts[k * len(contexts):(k + 1) * len(contexts)] for k in range(len(loras))]
 
     def score(self, requests: Sequence[Request], variants: Sequence[int | None]) -> np.ndarray:
-        """Summed log-probs of each request's target span: shape [len(variants), len(requests)].
+        """Summed target log-probs of every scored column (`Request.targets`, in request order):
+        shape [len(variants), columns].
 
         One engine call for all of them; variant-major order keeps each slot's tokens contiguous.
         `None` as a variant scores the base model without any adapter.
@@ -361,7 +288,8 @@ class VllmEngine:
         from .patches import span_logprobs
 
         results, keys = self._span_results(requests, variant_loras, share_prefix)
-        return span_logprobs.sums(results, keys).reshape(len(variant_loras), len(requests))
+        columns = [values.sum(0) for values in span_logprobs.gather(results, keys)]
+        return np.concatenate(columns).reshape(len(variant_loras), -1)
 
     def _span_results(
         self, requests: Sequence[Request], variant_loras: Sequence[Any], share_prefix: bool | None,
@@ -372,38 +300,48 @@ class VllmEngine:
         share = self.config.prefix_sharing if share_prefix is None else share_prefix
         prompts, loras = self._prompts(requests, variant_loras)
         keys = [next(self._span_keys) for _ in prompts]
+        candidates = [[list(row) for row in r.candidates] if r.alternatives else None for r in requests]
         params = [
-            span_logprobs.span_params(r.span_start, key, read_prefix_cache=share)
-            for key, r in zip(keys, itertools.cycle(requests))
+            span_logprobs.span_params(r.span_start, key, rows, read_prefix_cache=share)
+            for key, (r, rows) in zip(keys, itertools.cycle(list(zip(requests, candidates))))
         ]
         try:
-            self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+            outputs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
         finally:
-            results = self._rpc(span_logprobs.take)  # also clears what a failed call left behind
+            results = self._rpc("mezo_take_spans")  # also clears what a failed call left behind
+        self._count(outputs)
         return results, keys
+
+    def _count(self, outputs: Sequence[Any]) -> None:
+        """Prompt tokens scored, and those the prefix cache served (the benchmark's figures)."""
+        self.tokens["prompt"] += sum(len(o.prompt_token_ids) for o in outputs)
+        self.tokens["cached"] += sum(o.num_cached_tokens or 0 for o in outputs)
 
     def token_logprobs(
         self, requests: Sequence[Request], variants: Sequence[int | None],
         share_prefix: bool | None = None,
     ) -> list[list[np.ndarray]]:
-        """log p of each target token, [variant][request] (fast engines): what `score` sums,
-        for the correctness oracle (`mezo_vllm.validate`, tests/test_oracle.py)."""
+        """log p of each target token, [variant][request] arrays [n_targets, columns] (fast
+        engines): what `score` sums, for the correctness oracle (`mezo_vllm.validate`,
+        tests/test_oracle.py)."""
+        from .patches import span_logprobs
+
         if not self.config.fast:
             raise ValueError("token_logprobs needs a fast engine (patches.span_logprobs)")
         results, keys = self._span_results(requests, self._variant_loras(variants), share_prefix)
-        merged: dict[int, np.ndarray] = {}
-        for result in results:
-            for key, values in result.items():
-                merged.setdefault(key, values)
-        it = iter(keys)
-        return [[merged[next(it)] for _ in requests] for _ in variants]
+        values = iter(span_logprobs.gather(results, keys))
+        return [[next(values) for _ in requests] for _ in variants]
 
     def _score_prompt_logprobs(
         self, requests: Sequence[Request], variant_loras: Sequence[Any]
     ) -> np.ndarray:
-        """Score through upstream's prompt log-probs (every prompt position, full vocabulary)."""
+        """Score through upstream's prompt log-probs (every prompt position, full vocabulary),
+        which give only the prompt's own tokens: a request with alternatives becomes one
+        request per column, as a stock vLLM user scores options."""
+        requests = [column for r in requests for column in r.columns()]
         prompts, loras = self._prompts(requests, variant_loras)
         outputs = self.llm.generate(prompts, self._params, lora_request=loras, use_tqdm=False)
+        self._count(outputs)
         sums = np.empty(len(prompts), dtype=np.float64)
         for i, (out, r) in enumerate(zip(outputs, itertools.cycle(requests))):
             plp = out.prompt_logprobs

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from .adapter import LoraAdapter, Update, noise
-from .data import CLASSIFICATION, Example, Request
+from .data import Example, Request
+from .objective import example_losses
 
 
 class InProcessMaster:
@@ -39,37 +40,19 @@ class InProcessMaster:
         self.variants = self.adapter.variants(writes)
 
 
-def batch_loss_torch(examples: Sequence[Example], kind: str, requests: Sequence[Request],
-                     sums: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`trainer.batch_loss` (i.e. `data.example_losses`, averaged) on differentiable sums."""
-    return torch.stack(example_losses_torch(examples, kind, requests, sums)).mean()
-
-
-def example_losses_torch(examples: Sequence[Example], kind: str, requests: Sequence[Request],
-                         sums: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """`data.example_losses` with torch sums, so autograd can differentiate the trainer's loss."""
-    groups: dict[int, list[tuple[Request, torch.Tensor]]] = {}
-    for r, s in zip(requests, sums):
-        groups.setdefault(r.example, []).append((r, s))
-    losses = []
-    for index, scored in groups.items():
-        if kind == CLASSIFICATION:
-            # mean token log-prob per option, as data.example_losses scores options
-            by_target = dict((r.target, s / (len(r.token_ids) - r.span_start)) for r, s in scored)
-            option_sums = torch.stack([by_target[t] for t in range(len(examples[index].targets))])
-            losses.append(torch.logsumexp(option_sums, 0) - option_sums[examples[index].label])
-        else:
-            count = sum(len(r.token_ids) - r.span_start for r, _ in scored)
-            losses.append(-torch.stack([s for _, s in scored]).sum() / count)
-    return losses
-
-
 def directional_derivative(gradient: dict[str, torch.Tensor], seed: int) -> float:
     """∇L·z(seed), with z regenerated exactly as the engines perturb (per tensor name)."""
     return float(sum(
         torch.dot(g.flatten().double(), noise(seed, name, g.shape).flatten().double())
         for name, g in gradient.items()
     ))
+
+
+def _pick(logprobs: torch.Tensor, request: Request) -> torch.Tensor:
+    """[n_targets, columns]: the log-probs of the request's candidates, from its span rows'
+    full-vocabulary log-probs."""
+    candidates = torch.tensor(request.candidates)
+    return logprobs.gather(-1, candidates)
 
 
 class ReferenceEngine(InProcessMaster):
@@ -115,14 +98,15 @@ class ReferenceEngine(InProcessMaster):
                 mask[i, : len(r.token_ids)] = 1
             logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-            picked = logprobs.gather(-1, ids[:, 1:, None])[..., 0]
             for i, r in enumerate(chunk):
-                out.append(picked[i, r.span_start - 1 : len(r.token_ids) - 1].double().numpy())
+                rows = logprobs[i, r.span_start - 1 : len(r.token_ids) - 1]
+                out.append(_pick(rows, r).double().numpy())
         return out
 
     def token_logprobs(self, requests: Sequence[Request], variants: Sequence[int | None]
                        ) -> list[list[np.ndarray]]:
-        """log p of each target token, [variant][request], as `VllmEngine.token_logprobs`."""
+        """log p of each target token, [variant][request] arrays [n_targets, columns], as
+        `VllmEngine.token_logprobs`."""
         rows = []
         for v in variants:
             self._set_weights(self._weights_of(v))
@@ -130,7 +114,9 @@ class ReferenceEngine(InProcessMaster):
         return rows
 
     def score(self, requests: Sequence[Request], variants: Sequence[int | None]) -> np.ndarray:
-        return np.array([[t.sum() for t in row] for row in self.token_logprobs(requests, variants)])
+        """[variants, columns] summed target log-probs, as `VllmEngine.score`."""
+        return np.array([np.concatenate([t.sum(0) for t in row])
+                         for row in self.token_logprobs(requests, variants)])
 
     def _span_logprobs(self, request: Request, past: Any = None, start: int = 0) -> torch.Tensor:
         """log p of the request's target tokens from one forward pass over token_ids[start:],
@@ -140,8 +126,7 @@ class ReferenceEngine(InProcessMaster):
         out = self.model(input_ids=ids, past_key_values=past, use_cache=past is not None,
                          logits_to_keep=keep)
         logprobs = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
-        targets = torch.tensor(request.token_ids[request.span_start :])
-        return logprobs.gather(-1, targets[:, None])[:, 0].double()
+        return _pick(logprobs, request).double()
 
     def gradient(self, examples: Sequence[Example], kind: str, requests: Sequence[Request]
                  ) -> tuple[float, dict[str, torch.Tensor]]:
@@ -158,8 +143,8 @@ class ReferenceEngine(InProcessMaster):
             by_example.setdefault(r.example, []).append(r)
         total = 0.0
         for reqs in by_example.values():
-            sums = [self._span_logprobs(r).sum() for r in reqs]
-            loss = example_losses_torch(examples, kind, reqs, sums)[0] / len(by_example)
+            sums = torch.cat([self._span_logprobs(r).sum(0) for r in reqs])
+            loss = example_losses(examples, kind, reqs, sums)[0] / len(by_example)
             loss.backward()
             total += loss.item()
         grads = {name.replace(".default", ""): p.grad.detach().clone()
@@ -171,26 +156,27 @@ class ReferenceEngine(InProcessMaster):
     @torch.no_grad()
     def score_reusing_prompt_kv(self, requests: Sequence[Request], donor: int, variant: int
                                 ) -> np.ndarray:
-        """Summed target log-probs under `variant`, with the prompt's KV taken from `donor`.
+        """Summed target log-probs of each column under `variant`, with the prompt's KV taken
+        from `donor`.
 
         An emulation, for measurement only, of a prefix cache that ignores which adapter
         computed a prefix (the SGLang MeZO integration's reuse of the +εz pass's prompt KV for
         the −εz pass): token_ids[:span_start-1] run under `donor`, the rest, from the first row
         that predicts a target token, under `variant`. Token-granular, as a radix cache is.
         """
-        out = np.empty(len(requests))
-        for i, r in enumerate(requests):
+        out = []
+        for r in requests:
             cut = r.span_start - 1
             past = None
             if cut > 0:
                 self._set_weights(self._weights_of(donor))
                 past = self.model(input_ids=torch.tensor([r.token_ids[:cut]]), use_cache=True).past_key_values
             self._set_weights(self._weights_of(variant))
-            out[i] = self._span_logprobs(r, past=past, start=cut).sum().item()
-        return out
+            out.append(self._span_logprobs(r, past=past, start=cut).sum(0).numpy())
+        return np.concatenate(out)
 
     @torch.no_grad()
     def score_one_by_one(self, requests: Sequence[Request], variant: int | None) -> np.ndarray:
         """`score` without batching or padding: the exact counterpart of `score_reusing_prompt_kv`."""
         self._set_weights(self._weights_of(variant))
-        return np.array([self._span_logprobs(r).sum().item() for r in requests])
+        return np.concatenate([self._span_logprobs(r).sum(0).numpy() for r in requests])

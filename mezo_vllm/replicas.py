@@ -155,7 +155,8 @@ class ReplicatedEngine:
         self._broadcast("apply_update", update)
 
     def score(self, requests: Sequence[Request], variants: Sequence[int | None]) -> np.ndarray:
-        """Each replica scores its shard (whole examples); the sums come back in request order."""
+        """Each replica scores its shard (whole examples); the column sums come back in request
+        order, as from one engine."""
         shards = [(k, s) for k, s in enumerate(shard_requests(requests, len(self.replicas))) if s]
         refs = []
         for k, indices in shards:
@@ -163,10 +164,11 @@ class ReplicatedEngine:
             self.wire["sent"] += _wire_size(args)
             refs.append(self.replicas[k].score.remote(*args))
         parts = self._gather(refs, "score", [k for k, _ in shards])
-        out = np.empty((len(variants), len(requests)), dtype=np.float64)
+        first = np.cumsum([0] + [len(r.targets) for r in requests])
+        out = np.empty((len(variants), first[-1]), dtype=np.float64)
         for (_, indices), part in zip(shards, parts):
             self.wire["received"] += _wire_size(part)
-            out[:, indices] = part
+            out[:, [c for i in indices for c in range(first[i], first[i + 1])]] = part
         return out
 
     def generate(self, contexts: Sequence[Sequence[int]], max_tokens: int,

@@ -25,8 +25,9 @@ from safetensors import SafetensorError
 
 from .adapter import AdapterError, Direction, LoraAdapter, LoraSpec, Update, model_linear_shapes, resolve_targets
 from .config import ConfigError, TuneConfig
-from .data import (CLASSIFICATION, Dataset, Request, accuracy, exact_match, example_losses, load_file, load_task,
-                   squad_f1, tokenize)
+from .data import CLASSIFICATION, Dataset, Request, load_file, load_task, tokenize
+from .objective import accuracy, exact_match, squad_f1
+from . import objective
 from .estimator import Estimator, learning_rate, make_estimator, projected_gradient
 from .model import ModelError, resolve_model
 
@@ -139,10 +140,9 @@ class Split:
         return [r for i in examples for r in self.by_example[i]]
 
 
-def batch_loss(split: Split, requests: Sequence[Request], sums: np.ndarray) -> float:
-    counts = [len(r.token_ids) - r.span_start for r in requests]
-    losses = example_losses(split.dataset.examples, split.dataset.kind, requests, sums.tolist(), counts)
-    return float(np.mean(losses))
+def batch_loss(split: Split, requests: Sequence[Request], sums: np.ndarray) -> np.ndarray:
+    """The batch loss of each row of `sums` ([variants, columns] from `engine.score`)."""
+    return objective.batch_loss(split.dataset.examples, split.dataset.kind, requests, sums).numpy()
 
 
 # Greedy answers of generation tasks stop at a newline (the targets end with one) or after this
@@ -172,8 +172,8 @@ def evaluate(engine: ScoringEngine, split: Split, variant: int | None) -> dict[s
     (examples with reference answers: SQuAD, DROP) F1 and exact match of greedy answers."""
     sums = engine.score(split.requests, [variant])[0]
     if split.dataset.kind == CLASSIFICATION:
-        return {"accuracy": accuracy(split.dataset.examples, split.requests, sums.tolist())}
-    metrics = {"nll": batch_loss(split, split.requests, sums)}
+        return {"accuracy": accuracy(split.dataset.examples, split.requests, sums)}
+    metrics = {"nll": float(batch_loss(split, split.requests, sums))}
     examples = sorted(split.by_example)
     if hasattr(engine, "generate") and all(split.dataset.examples[i].answers for i in examples):
         f1, em = generation_scores(engine, split, examples, [variant])
@@ -197,8 +197,7 @@ def mezo_step(engine: ScoringEngine, split: Split, requests: Sequence[Request], 
         f1, _ = generation_scores(engine, split, list(dict.fromkeys(r.example for r in requests)), variants)
         losses = [-float(row.mean()) for row in f1]
     else:
-        sums = engine.score(requests, variants)
-        losses = [batch_loss(split, requests, row) for row in sums]
+        losses = batch_loss(split, requests, engine.score(requests, variants)).tolist()
     grads = [projected_gradient(losses[2 * k], losses[2 * k + 1], eps) for k in range(len(seeds))]
     if all(math.isfinite(g) for g in grads):  # a NaN/Inf loss would poison θ: skip the step
         engine.apply_update(estimator.update(seeds, grads, lr))

@@ -24,7 +24,8 @@ import torch
 
 from .adapter import LoraAdapter, LoraSpec, model_linear_shapes, noise, resolve_targets
 from .config import ConfigError
-from .data import COMPLETION, Dataset, Example, Request, example_losses, load_file, load_task, tokenize
+from .data import COMPLETION, Dataset, Example, Request, load_file, load_task, tokenize
+from .objective import batch_loss, example_losses
 from .estimator import projected_gradient
 from .trainer import batch_examples
 
@@ -76,8 +77,12 @@ def random_adapter(spec: LoraSpec, shapes: dict[str, tuple[int, int]], seed: int
 
 
 def mean_loss(dataset: Dataset, requests: Sequence[Request], sums: np.ndarray) -> float:
-    counts = [len(r.token_ids) - r.span_start for r in requests]
-    return float(np.mean(example_losses(dataset.examples, dataset.kind, requests, sums.tolist(), counts)))
+    return float(batch_loss(dataset.examples, dataset.kind, requests, sums))
+
+
+def _column_sums(token_logprobs: Sequence[np.ndarray]) -> np.ndarray:
+    """What `score` returns, from `token_logprobs`' [n_targets, columns] arrays."""
+    return np.concatenate([t.sum(0) for t in token_logprobs])
 
 
 def g_of(engine: Any, dataset: Dataset, requests: Sequence[Request], seed: int, eps: float) -> float:
@@ -108,13 +113,12 @@ def loss_agreement(engine: Any, reference: Any, parts: Sequence[tuple[Dataset, l
         token_diff = max(float(np.abs(a - b).max()) for a, b in zip(mine, ref))
         loss_diff, at = 0.0, 0
         for dataset, reqs in parts:
-            counts = [len(r.token_ids) - r.span_start for r in reqs]
-            sums = [[float(t.sum()) for t in side[at : at + len(reqs)]] for side in (mine, ref)]
-            a, b = (example_losses(dataset.examples, dataset.kind, reqs, s, counts) for s in sums)
-            loss_diff = max(loss_diff, float(np.abs(np.subtract(a, b)).max()))
+            a, b = (example_losses(dataset.examples, dataset.kind, reqs, _column_sums(side[at : at + len(reqs)]))
+                    for side in (mine, ref))
+            loss_diff = max(loss_diff, float((a - b).abs().max()))
             at += len(reqs)
         rows.append({"variant": name, "max_token_logprob_diff": token_diff, "max_loss_diff": loss_diff,
-                     "tokens": int(sum(len(t) for t in mine))})
+                     "tokens": int(sum(t.size for t in mine))})
     return rows
 
 
@@ -222,12 +226,10 @@ def prefix_sharing_agreement(engine: Any, dataset: Dataset, requests: Sequence[R
     engine.write_variants([(seed, eps), (seed, -eps)])
     shared = engine.token_logprobs(requests, [0, 1], share_prefix=True)
     alone = engine.token_logprobs(requests, [0, 1], share_prefix=False)
-    counts = [len(r.token_ids) - r.span_start for r in requests]
     diff = 0.0
     for a, b in zip(shared, alone):
-        la = example_losses(dataset.examples, dataset.kind, requests, [float(t.sum()) for t in a], counts)
-        lb = example_losses(dataset.examples, dataset.kind, requests, [float(t.sum()) for t in b], counts)
-        diff = max(diff, float(np.abs(np.subtract(la, lb)).max()))
+        la, lb = (example_losses(dataset.examples, dataset.kind, requests, _column_sums(side)) for side in (a, b))
+        diff = max(diff, float((la - lb).abs().max()))
     return {"max_loss_diff": diff, "requests": len(requests),
             "context_tokens": int(np.mean([r.span_start for r in requests]))}
 

@@ -21,17 +21,23 @@ from mezo_vllm.data import (
     Request,
     TaskSplits,
     TokenizeReport,
-    _split,
-    accuracy,
     builtin_tasks,
-    example_losses,
-    exact_match,
     load_file,
     load_task,
-    squad_f1,
     task_template,
     tokenize,
 )
+from mezo_vllm.data.tasks import split_indices as _split
+from mezo_vllm.objective import accuracy, exact_match, squad_f1
+from mezo_vllm.objective import example_losses as _example_losses
+
+
+def example_losses(examples, kind, requests, sums) -> list[float]:
+    return _example_losses(examples, kind, requests, sums).tolist()
+
+
+def _columns(requests: list[Request]) -> list[Request]:
+    return [column for r in requests for column in r.columns()]
 
 
 def _jsonl(*records: object) -> str:
@@ -407,7 +413,7 @@ def test_task_prompts_and_targets_join_at_a_clean_boundary(tokenizer):
         example = _splits(name).train.examples[0]
         requests, report = tokenize([example], tokenizer, max_len=4096)
         assert report == TokenizeReport(truncated=0, rejected=0)
-        for request in requests:
+        for request in _columns(requests):
             target = example.targets[request.target]
             text = tokenizer.decode(request.token_ids, skip_special_tokens=True,
                                     clean_up_tokenization_spaces=False)
@@ -478,8 +484,9 @@ def test_tokenize_concatenates_separately_tokenized_parts(tokenizer):
     ]
     requests, report = tokenize(examples, tokenizer, max_len=64)
     assert report == TokenizeReport(truncated=0, rejected=0)
-    assert [(r.example, r.target) for r in requests] == [(0, 0), (0, 1), (1, 0)]
-    for request in requests:
+    assert [(r.example, r.targets) for r in requests] == [(0, (0, 1)), (1, (0,))]
+    assert [(r.example, r.target) for r in _columns(requests)] == [(0, 0), (0, 1), (1, 0)]
+    for request in _columns(requests):
         example = examples[request.example]
         target = example.targets[request.target]
         prompt_ids = _ids(tokenizer, example.prompt)
@@ -492,6 +499,43 @@ def test_tokenize_puts_bos_in_front_when_the_tokenizer_adds_one():
     examples = [Example(prompt="ab", targets=("x",), label=None)]
     requests, _ = tokenize(examples, CharTokenizer(bos=0), max_len=10)
     assert requests == [Request(example=0, target=0, token_ids=(0, 97, 98, 120), span_start=3)]
+
+
+def test_options_that_differ_only_in_their_last_token_share_one_request():
+    """One request scores options of equal length whose tokens agree but for the last (every
+    single-token verbalizer); its candidates are V2's [rows][columns] `prompt_logprob_token_ids`,
+    and its columns are the requests it replaces."""
+    examples = [
+        Example(prompt="ab", targets=("x", "y", "z"), label=2),  # single tokens: one request
+        Example(prompt="ab", targets=("px", "py", "q", "uvw"), label=0),  # "px"/"py" share "p"
+    ]
+    requests, _ = tokenize(examples, CharTokenizer(), max_len=10)
+    x, y, z, p, q, u = map(ord, "xyzpqu")
+    assert requests[0] == Request(0, 0, (97, 98, x), 2, alternatives=((1, y), (2, z)))
+    assert requests[0].candidates == ((x, y, z),) and requests[0].targets == (0, 1, 2)
+    assert requests[1] == Request(1, 0, (97, 98, p, x), 2, alternatives=((1, y),))
+    assert requests[1].candidates == ((p, p), (x, y)) and requests[1].n_targets == 2
+    assert [(r.target, r.alternatives) for r in requests[2:]] == [(2, ()), (3, ())]
+    separate, _ = tokenize(examples, CharTokenizer(), max_len=10, merge_options=False)
+    assert _columns(requests) == separate
+    assert [(r.example, r.target) for r in separate] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (1, 3)]
+
+
+def test_a_merged_request_gives_the_losses_of_the_requests_it_replaces():
+    """Columns come in request order; the loss reads them as the separate requests' sums."""
+    examples = [Example("p", ("ab", "ac", "d"), 1), Example("q", ("x", "y"), 0)]
+    merged = [Request(0, 0, (9, 1, 2), 1, alternatives=((1, 3),)), Request(0, 2, (9, 4), 1),
+              Request(1, 0, (9, 5), 1, alternatives=((1, 6),))]
+    sums = [-2.0, -3.0, -0.5, -0.1, -2.0]
+    separate = _columns(merged)
+    assert [(r.example, r.target, r.n_targets) for r in separate] == \
+        [(0, 0, 2), (0, 1, 2), (0, 2, 1), (1, 0, 1), (1, 1, 1)]
+    assert example_losses(examples, CLASSIFICATION, merged, sums) == \
+        pytest.approx(example_losses(examples, CLASSIFICATION, separate, sums))
+    # means -1, -1.5, -0.5 for example 0: label 1 loses to option 2
+    assert example_losses(examples, CLASSIFICATION, merged, sums)[0] == pytest.approx(
+        math.log(math.exp(-1) + math.exp(-1.5) + math.exp(-0.5)) + 1.5)
+    assert accuracy(examples, merged, sums) == 0.5
 
 
 def test_truncate_cuts_context_from_the_left_for_all_options():
@@ -520,7 +564,7 @@ def test_reject_drops_whole_examples():
     ]
     requests, report = tokenize(examples, CharTokenizer(), max_len=6, overflow="reject")
     assert report == TokenizeReport(truncated=0, rejected=2)
-    assert [(r.example, r.target) for r in requests] == [(1, 0), (1, 1)]
+    assert [(r.example, r.target) for r in _columns(requests)] == [(1, 0), (1, 1)]
 
 
 def test_tokenize_errors():
@@ -545,7 +589,7 @@ def test_classification_loss_is_cross_entropy_over_option_sums():
     # Example 1 first: losses come in order of first appearance.
     requests = [_request(1, 0), _request(1, 1), _request(0, 1), _request(0, 0)]
     sums = [-1.0, -2.0, -2.0, -1.0]
-    losses = example_losses(examples, CLASSIFICATION, requests, sums, [1, 1, 1, 1])
+    losses = example_losses(examples, CLASSIFICATION, requests, sums)
     # label 0 of sums (-1, -2): -log(e^-1 / (e^-1 + e^-2)) = log(1 + e^-1)
     # label 1 of sums (-1, -2): -log(e^-2 / (e^-1 + e^-2)) = 1 + log(1 + e^-1)
     assert losses == pytest.approx([1 + math.log(1 + math.exp(-1)), math.log(1 + math.exp(-1))])
@@ -558,24 +602,24 @@ def test_options_of_several_tokens_are_scored_by_their_mean_token_log_prob():
     examples = [Example("The man fell because", (" he slipped on the wet floor.", " he won."), 0)]
     requests = [Request(0, 0, (1, 2, 3, 4, 5, 6, 7), span_start=1),  # 6 target tokens
                 Request(0, 1, (1, 2, 3), span_start=1)]  # 2 target tokens
-    sums, counts = [-6.0, -3.0], [6, 2]  # means -1.0 and -1.5: the long option wins
+    sums = [-6.0, -3.0]  # means -1.0 and -1.5: the long option wins
     assert accuracy(examples, requests, sums) == 1.0
-    (loss,) = example_losses(examples, CLASSIFICATION, requests, sums, counts)
+    (loss,) = example_losses(examples, CLASSIFICATION, requests, sums)
     assert loss == pytest.approx(math.log(1 + math.exp(-0.5)))  # −log softmax([−1, −1.5])[0]
 
 
 def test_completion_loss_is_mean_nll_per_target_token():
     examples = [Example("p", ("abc",), None), Example("q", ("d",), None)]
-    losses = example_losses(examples, COMPLETION, [_request(0, 0), _request(1, 0)],
-                            [-6.0, -0.5], [3, 1])
+    losses = example_losses(examples, COMPLETION, [Request(0, 0, (1, 2, 3, 4), 1), _request(1, 0)],
+                            [-6.0, -0.5])
     assert losses == pytest.approx([2.0, 0.5])
 
 
 def test_losses_refuse_incomplete_or_mismatched_scores():
     examples = [Example("p", ("a", "b"), 0)]
     with pytest.raises(ValueError, match="not scored"):
-        example_losses(examples, CLASSIFICATION, [_request(0, 0)], [-1.0], [1])
+        example_losses(examples, CLASSIFICATION, [_request(0, 0)], [-1.0])
     with pytest.raises(ValueError, match="length"):
-        example_losses(examples, CLASSIFICATION, [_request(0, 0), _request(0, 1)], [-1.0], [1])
+        example_losses(examples, CLASSIFICATION, [_request(0, 0), _request(0, 1)], [-1.0])
     with pytest.raises(ValueError, match="no label"):
         accuracy([Example("p", ("a",), None)], [_request(0, 0)], [-1.0])

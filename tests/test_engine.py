@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +26,7 @@ def requests_(tokenizer) -> list[Request]:
         ids = tuple(tokenizer(text)["input_ids"])
         reqs.append(Request(i, 0, ids, max(1, len(ids) - 4)))
     sst2, _ = tokenize(load_task("sst2").dev.examples[:2], tokenizer, 1024)
-    return reqs + [Request(r.example + 10, r.target, r.token_ids, r.span_start) for r in sst2]
+    return reqs + [dataclasses.replace(r, example=r.example + 10) for r in sst2]
 
 
 def test_default_model_knows_paris(engine_fp32):

@@ -20,7 +20,7 @@ from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes
 from mezo_vllm.config import TuneConfig
 from mezo_vllm.data import CLASSIFICATION, COMPLETION, Dataset, Example, load_task, tokenize
 from mezo_vllm.estimator import ZOSGD
-from mezo_vllm.reference import ReferenceEngine, batch_loss_torch, directional_derivative
+from mezo_vllm.reference import ReferenceEngine, directional_derivative
 from mezo_vllm.trainer import tune
 
 SEEDS = (1, 2, 3, 4, 5)
@@ -98,15 +98,18 @@ def test_losses_equal_the_reference(engine_fp32, reference, loaded, mixed):
     assert np.abs(sums[0] - sums[1]).max() > 1e-2 and np.abs(sums[1] - sums[2]).max() > 1e-3
 
 
-def test_differentiable_loss_is_the_trainers_loss(reference, loaded, sst2_batch, mixed, tokenizer):
-    """The loss autograd differentiates is the one the trainer computes from the sums (COPA:
-    options of several tokens, scored by their mean)."""
+def test_differentiable_loss_is_the_trainers_loss(engine_fp32, reference, loaded, sst2_batch, mixed,
+                                                  tokenizer):
+    """The loss autograd differentiates (the reference, one example at a time, through
+    `Request.candidates`) is the loss the trainer computes from the engine's sums (COPA:
+    options of several tokens, scored by their mean; SST-2: options merged in one request)."""
     copa = Dataset("copa", CLASSIFICATION, load_task("copa").train.examples[:6])
     for dataset, requests in [sst2_batch, mixed[1], (copa, tokenize(copa.examples, tokenizer, 1024)[0])]:
-        reference.write_variants([(0, 0.0)])
-        sums = reference.score(requests, [0])[0]
-        ours = batch_loss_torch(dataset.examples, dataset.kind, requests, [torch.tensor(s) for s in sums])
-        assert float(ours) == pytest.approx(V.mean_loss(dataset, requests, sums), abs=1e-12)
+        engine_fp32.write_variants([(0, 0.0)])
+        trainer_loss = V.mean_loss(dataset, requests, engine_fp32.score(requests, [0])[0])
+        autograd_loss, _ = reference.gradient(dataset.examples, dataset.kind, requests)
+        assert autograd_loss == pytest.approx(trainer_loss, abs=V.LOSS_TOL)
+        assert abs(trainer_loss) > 0.1
 
 
 # ----------------------------------------------------------------------------- 2. gradient

@@ -64,8 +64,9 @@ class FakeRunner:
         self.calls.append(rows.clone())
         return hidden @ self.head.T
 
-    def add(self, req_id: str, ids: list[int], span: tuple[int, int] | None) -> None:
-        params = None if span is None else span_logprobs.span_params(*span)
+    def add(self, req_id: str, ids: list[int], span: tuple[int, int] | None,
+            candidates: list[list[int]] | None = None) -> None:
+        params = None if span is None else span_logprobs.span_params(*span, candidates)
         self.requests[req_id] = SimpleNamespace(
             prompt_token_ids=ids, sampling_params=params, num_computed_tokens=0
         )
@@ -108,8 +109,33 @@ def test_step_hook_accumulates_chunks_across_requests():
     assert sorted(got) == [0, 1, 2]  # the request without a span is not scored
     for key, req_id in enumerate(["a", "b", "c"]):
         expected = by_hand(head, states[req_id], ids[req_id], specs[req_id][1])
-        np.testing.assert_allclose(got[key], expected, rtol=1e-6, atol=1e-6)
+        assert got[key].shape == (len(expected), 1)
+        np.testing.assert_allclose(got[key][:, 0], expected, rtol=1e-6, atol=1e-6)
     assert span_logprobs.take_from(runner) == {}  # take() forgets
+
+
+def test_candidates_score_several_ids_per_row_across_chunks():
+    """CANDIDATES ([rows][columns], V2's prompt_logprob_token_ids shape) gives each row the
+    log-probs of its listed ids, also when a chunk boundary falls inside the span."""
+    g = torch.Generator().manual_seed(1)
+    head = torch.randn(VOCAB, HIDDEN, generator=g)
+    runner = FakeRunner(head)
+    ids = torch.randint(0, VOCAB, (10,), generator=g).tolist()
+    states = {"m": torch.randn(10, HIDDEN, generator=g), "one": torch.randn(6, HIDDEN, generator=g)}
+    candidates = [[ids[r + 1], 3, 7] for r in range(5, 9)]  # span start 6: rows 5..8
+    runner.add("m", ids, (6, 0), candidates)
+    runner.add("one", ids[:6], (5, 1), [[11, 12, 13, 14]])
+    runner.step({"m": 7, "one": 6}, states)  # m: rows 5, 6 now, 7, 8 next step
+    runner.step({"m": 3}, states)
+    got = span_logprobs.take_from(runner)
+    logprobs = torch.log_softmax(states["m"] @ head.T, dim=-1)
+    expected = np.array([[logprobs[r, t].item() for t in row] for r, row in zip(range(5, 9), candidates)])
+    np.testing.assert_allclose(got[0], expected, rtol=1e-6, atol=1e-6)
+    last = torch.log_softmax(states["one"] @ head.T, dim=-1)[4]
+    np.testing.assert_allclose(got[1], [[last[t].item() for t in (11, 12, 13, 14)]], rtol=1e-6, atol=1e-6)
+    runner.add("bad", ids, (6, 2), [[1, 2]])  # one candidate row for a 4-token span
+    with pytest.raises(span_logprobs.SpanError, match="candidate rows"):
+        runner.step({"bad": 10}, {"bad": states["m"]})
 
 
 def test_rows_never_computed_are_an_error():
@@ -123,11 +149,12 @@ def test_rows_never_computed_are_an_error():
     assert span_logprobs.take_from(runner) == {}
 
 
-def test_sums_report_lost_requests():
-    values = {3: np.array([-1.0, -2.0]), 4: np.array([-0.5])}
-    np.testing.assert_array_equal(span_logprobs.sums([values, values], [4, 3]), [-0.5, -3.0])
+def test_gather_reports_lost_requests():
+    values = {3: np.array([[-1.0], [-2.0]]), 4: np.array([[-0.5, -0.7]])}
+    got = span_logprobs.gather([values, {}], [4, 3])
+    assert [g.tolist() for g in got] == [[[-0.5, -0.7]], [[-1.0], [-2.0]]]
     with pytest.raises(span_logprobs.SpanError, match="no span log-probs"):
-        span_logprobs.sums([values], [3, 5])
+        span_logprobs.gather([values], [3, 5])
 
 
 def test_lm_head_lora_uses_each_rows_slot():

@@ -304,7 +304,9 @@ def real_whole(tmp_path_factory, engine_fp32) -> Path:
 @pytest.mark.slow
 def test_a_vllm_worker_rpc_failing_mid_run_then_resume_is_exact(tmp_path, engine_fp32, real_whole, monkeypatch):
     """The update RPC raises inside the vLLM worker at step 5; the run stops, resumes exactly."""
-    real, calls = mezo_vllm.engine._rpc_apply, []
+    from mezo_vllm.worker import MezoWorkerExtension
+
+    real, calls = MezoWorkerExtension.mezo_apply_update, []
 
     def apply(worker, update):
         calls.append(update)
@@ -312,14 +314,14 @@ def test_a_vllm_worker_rpc_failing_mid_run_then_resume_is_exact(tmp_path, engine
             raise RuntimeError("worker lost its device")
         return real(worker, update)
 
-    monkeypatch.setattr(mezo_vllm.engine, "_rpc_apply", apply)
+    monkeypatch.setattr(MezoWorkerExtension, "mezo_apply_update", apply)
     cfg = _real_cfg(tmp_path, "faulted")
     with pytest.raises(EngineFailed, match=r"^the engine failed after 5 steps \(apply_update: .*worker lost its device.*\); "
                                            r"the last checkpoint \(step 3\) is intact; continue with: "
                                            rf"mezo-vllm tune --resume {tmp_path / 'faulted'}$"):
         tune(cfg, engine=engine_fp32)
     assert len((tmp_path / "faulted/trajectory.jsonl").read_text().splitlines()) == 5
-    monkeypatch.setattr(mezo_vllm.engine, "_rpc_apply", real)
+    monkeypatch.setattr(MezoWorkerExtension, "mezo_apply_update", real)
     tune(cfg, resume=True, engine=engine_fp32)
     _same_run(tmp_path / "faulted", real_whole)
 

@@ -42,7 +42,8 @@ class StandInEngine(InProcessMaster):
         for v in variants:
             weights = self.adapter.tensors if v is None else self.variants[v]
             energy = sum(float(((t + 0.01) ** 2).sum()) for k, t in weights.items() if "lora_B" in k)
-            rows.append([-(1 + np.mean(r.token_ids) % 7 + r.target) * (0.1 + energy) for r in requests])
+            rows.append([-(1 + np.mean(c.token_ids) % 7 + c.target) * (0.1 + energy)
+                         for r in requests for c in r.columns()])
         scores = np.array(rows)
         return scores * math.nan if self.calls in self.nan_calls else scores
 

@@ -11,19 +11,23 @@ cached positions get no log-prob. (V2's `prompt_logprob_start` does suffix-only 
 needs Triton, so it does not run on CPU.)
 
 Change: a request marks its span with `SamplingParams.extra_args` (`span_params()` builds the
-params: `{START: first target index, KEY: a caller's id}`, no prompt log-probs, one greedy token,
-no detokenization). After each model step, the wrapped `_get_prompt_logprobs_dict` collects,
-for every scheduled request with a span, the span rows that this step computed (row i predicts
-token i+1; span rows are start-1 .. len-2; with chunked prefill a prompt spans several steps,
-each from `request.num_computed_tokens`), runs the lm_head once over all those rows of all
-requests (per `MAX_ROWS` rows; with each row's own lm_head LoRA slot, via
-`lora_prompt_logprobs.batch_rows`), takes an fp32 log_softmax as upstream does
-(`Sampler.compute_logprobs`) and gathers the actual next token. (The sampler still computes the
-logits of each request's last position for its one generated token, as for any request.) The per-token values land in a per-runner dict keyed by the caller's id, one slot per
-target token: a row computed again (a preempted request recomputes its prompt) overwrites its
-value, and a row never computed stays NaN, which `take()` reports as an error (e.g. a prefix
-cache hit that covered span rows). The caller fetches and clears the dict with
-`LLM.collective_rpc(take)` after `generate` (ranks that compute no logits, pipeline stages
+params: `{START: first target index, KEY: a caller's id, CANDIDATES: the token ids to score
+per span row}`, no prompt log-probs, one greedy token, no detokenization). After each model
+step, the wrapped `_get_prompt_logprobs_dict` collects, for every scheduled request with a
+span, the span rows that this step computed (row i predicts token i+1; span rows are
+start-1 .. len-2; with chunked prefill a prompt spans several steps, each from
+`request.num_computed_tokens`), runs the lm_head once over all those rows of all requests (per
+`MAX_ROWS` rows; with each row's own lm_head LoRA slot, via `lora_prompt_logprobs.batch_rows`),
+takes an fp32 log_softmax as upstream does (`Sampler.compute_logprobs`) and gathers the
+log-prob of each of the row's candidate ids: by default the actual next token; with
+CANDIDATES (a [rows][columns] list, the shape of V2's `prompt_logprob_token_ids`) several ids
+per row, so that one request scores several options that differ in their last token. (The
+sampler still computes the logits of each request's last position for its one generated token,
+as for any request.) The values land in a per-runner dict keyed by the caller's id, one
+[rows, columns] array per request: a row computed again (a preempted request recomputes its
+prompt) overwrites its values, and a row never computed stays NaN, which `take()` reports as an
+error (e.g. a prefix cache hit that covered span rows). The caller fetches and clears the dict
+with `take_from` after `generate` (`worker.MezoWorkerExtension.mezo_take_spans`) (ranks that compute no logits, pipeline stages
 before the last, store nothing). Requests without the mark take upstream's path unchanged;
 `logprobs_mode` is ignored for span rows (always normalised log-probs).
 
@@ -49,6 +53,7 @@ NAME = "span_logprobs"
 
 START = "mezo_span_start"  # extra_args: index in the prompt of the first target token
 KEY = "mezo_span_key"  # extra_args: the caller's id for the request's result
+CANDIDATES = "mezo_span_candidates"  # extra_args: [rows][columns] token ids to score, optional
 MAX_ROWS = 1024  # span rows per lm_head call: bounds the [rows, vocab] fp32 log-prob buffer
 
 
@@ -56,20 +61,26 @@ class SpanError(RuntimeError):
     """A span request whose target rows were not all computed (or a malformed span)."""
 
 
-def span_params(span_start: int, key: int, *, read_prefix_cache: bool = False) -> Any:
+def span_params(span_start: int, key: int, candidates: list[list[int]] | None = None, *,
+                read_prefix_cache: bool = False) -> Any:
     """SamplingParams for a span request: one greedy token, no prompt log-probs, no detokenizing.
 
-    The prefix cache is not read by default: a cached prefix must never cover span rows (they
-    would not be computed). `prefix_sharing` reads it with the hit capped below the span.
+    `candidates`: the token ids to score at each span row ([rows][columns]); None scores the
+    prompt's own next token at each row. The prefix cache is not read by default: a cached
+    prefix must never cover span rows (they would not be computed). `prefix_sharing` reads it
+    with the hit capped below the span.
     """
     from vllm import SamplingParams
 
+    extra: dict[str, Any] = {START: int(span_start), KEY: int(key)}
+    if candidates is not None:
+        extra[CANDIDATES] = candidates
     return SamplingParams(
         max_tokens=1,
         temperature=0.0,
         detokenize=False,
         skip_reading_prefix_cache=not read_prefix_cache,
-        extra_args={START: int(span_start), KEY: int(key)},
+        extra_args=extra,
     )
 
 
@@ -79,6 +90,10 @@ def span_of(sampling_params: Any) -> tuple[int, int] | None:
     if not extra or START not in extra:
         return None
     return extra[START], extra[KEY]
+
+
+def _candidates(sampling_params: Any) -> list[list[int]] | None:
+    return sampling_params.extra_args.get(CANDIDATES)
 
 
 def chunk_span_rows(
@@ -99,8 +114,9 @@ class _Rows:
     """This step's span rows, gathered over all span requests."""
 
     batch_rows: list[int]  # row of the step's hidden states
-    targets: list[int]  # the token each row predicts
-    dest: list[tuple[int, int, int, int]]  # (key, span length, first index, count), in row order
+    pairs: list[tuple[int, int]]  # (index into batch_rows, token id) of every value wanted
+    # (key, span length, columns, first row, rows), in order: their values follow `pairs`
+    dest: list[tuple[int, int, int, int, int]]
 
 
 def _collect(runner: Any, num_scheduled_tokens: dict[str, int]) -> _Rows:
@@ -116,39 +132,51 @@ def _collect(runner: Any, num_scheduled_tokens: dict[str, int]) -> _Rows:
         ids = request.prompt_token_ids
         if ids is None or not 1 <= start < len(ids):
             raise SpanError(f"span start {start} outside 1..{0 if ids is None else len(ids) - 1}")
+        candidates = _candidates(request.sampling_params)
+        if candidates is not None and len(candidates) != len(ids) - start:
+            raise SpanError(f"{len(candidates)} candidate rows for a span of {len(ids) - start} tokens")
+        width = 1 if candidates is None else len(candidates[0])
         c0 = request.num_computed_tokens
         lo, hi = chunk_span_rows(c0, n, len(ids), start)
         # A chunk without span rows still registers the request: a span whose rows are all
         # missing must be reported, not lost.
         count = max(hi - lo, 0)
-        rows.dest.append((key, len(ids) - start, lo - (start - 1), count))
+        rows.dest.append((key, len(ids) - start, width, lo - (start - 1), count))
         if count:
             first = int(query_start[index_of[req_id]]) + lo - c0
-            rows.batch_rows.extend(range(first, first + count))
-            rows.targets.extend(ids[lo + 1 : hi + 1])
+            for row in range(lo, hi):
+                at = len(rows.batch_rows)
+                rows.batch_rows.append(first + row - lo)
+                wanted = (ids[row + 1],) if candidates is None else candidates[row - (start - 1)]
+                rows.pairs.extend((at, token) for token in wanted)
     return rows
 
 
 def span_logprobs(
-    compute_logits: Any, hidden_states: torch.Tensor, batch_rows: list[int], targets: list[int],
-    max_rows: int = MAX_ROWS,
+    compute_logits: Any, hidden_states: torch.Tensor, batch_rows: list[int],
+    pairs: list[tuple[int, int]], max_rows: int = MAX_ROWS,
 ) -> np.ndarray | None:
-    """log p(target) of each listed row, fp32 log_softmax over the full vocabulary (float64 out).
+    """log p(token | row) of each (index into batch_rows, token) pair, fp32 log_softmax over the
+    full vocabulary (float64 out); pairs come grouped by row, in row order.
 
     One `compute_logits` call per `max_rows` rows, each told which batch rows it covers. None
     where this rank computes no logits (not the last pipeline stage).
     """
-    out = np.empty(len(batch_rows), dtype=np.float64)
+    out = np.empty(len(pairs), dtype=np.float64)
     device = hidden_states.device
-    for s in range(0, len(batch_rows), max_rows):
+    of_row = torch.tensor([row for row, _ in pairs], dtype=torch.long)
+    tokens = torch.tensor([token for _, token in pairs], dtype=torch.long, device=device)
+    bounds = torch.searchsorted(of_row, torch.arange(0, len(batch_rows) + max_rows, max_rows)).tolist()
+    for k, s in enumerate(range(0, len(batch_rows), max_rows)):
         idx = torch.tensor(batch_rows[s : s + max_rows], dtype=torch.long, device=device)
-        tgt = torch.tensor(targets[s : s + max_rows], dtype=torch.long, device=device)
         with lora_prompt_logprobs.batch_rows(idx):
             logits = compute_logits(hidden_states.index_select(0, idx))
         if logits is None:
             return None
         logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
-        out[s : s + len(idx)] = logprobs.gather(1, tgt[:, None])[:, 0].double().cpu().numpy()
+        lo, hi = bounds[k], bounds[k + 1]
+        picked = logprobs[(of_row[lo:hi] - s).to(device), tokens[lo:hi]]
+        out[lo:hi] = picked.double().cpu().numpy()
     return out
 
 
@@ -167,27 +195,22 @@ def score_step(runner: Any, hidden_states: torch.Tensor, num_scheduled_tokens: d
     values = np.empty(0)
     if rows.batch_rows:
         values = span_logprobs(
-            runner.model.compute_logits, hidden_states, rows.batch_rows, rows.targets
+            runner.model.compute_logits, hidden_states, rows.batch_rows, rows.pairs
         )
         if values is None:
             return
     store = _store_of(runner)
     at = 0
-    for key, length, first, count in rows.dest:
+    for key, length, width, first, count in rows.dest:
         dest = store.get(key)
         if dest is None:
-            dest = store[key] = np.full(length, np.nan)
-        dest[first : first + count] = values[at : at + count]
-        at += count
-
-
-def take(worker: Any) -> dict[int, np.ndarray]:
-    """`collective_rpc` target: `take_from(worker's model runner)`."""
-    return take_from(getattr(worker, "worker", worker).model_runner)
+            dest = store[key] = np.full((length, width), np.nan)
+        dest[first : first + count] = values[at : at + count * width].reshape(count, width)
+        at += count * width
 
 
 def take_from(runner: Any) -> dict[int, np.ndarray]:
-    """The per-target-token log-probs of every span request since the last call, by key, and
+    """The [rows, columns] log-probs of every span request since the last call, by key, and
     forget them. Raises SpanError if a target token's row was never computed."""
     store = _store_of(runner)
     runner._mezo_span_logprobs = {}
@@ -200,8 +223,8 @@ def take_from(runner: Any) -> dict[int, np.ndarray]:
     return store
 
 
-def sums(results: Iterable[dict[int, np.ndarray]], keys: Iterable[int]) -> np.ndarray:
-    """Summed span log-prob for each key, from the first worker that has it."""
+def gather(results: Iterable[dict[int, np.ndarray]], keys: Iterable[int]) -> list[np.ndarray]:
+    """The [rows, columns] log-probs of each key, from the first worker that has it."""
     merged: dict[int, np.ndarray] = {}
     for result in results:
         for key, values in result.items():
@@ -210,7 +233,7 @@ def sums(results: Iterable[dict[int, np.ndarray]], keys: Iterable[int]) -> np.nd
     lost = [k for k in keys if k not in merged]
     if lost:
         raise SpanError(f"no span log-probs came back for {len(lost)} request(s) (keys {lost[:3]})")
-    return np.array([merged[k].sum() for k in keys], dtype=np.float64)
+    return [merged[k] for k in keys]
 
 
 def _wrap(original: Any) -> Any:

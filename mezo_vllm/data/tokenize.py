@@ -1,0 +1,85 @@
+"""Tokenization of examples into the requests an engine scores."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .types import Example, Request, error
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class TokenizeReport:
+    truncated: int  # examples whose context was cut from the left
+    rejected: int  # examples dropped (their indices are not in the requests)
+
+
+def option_groups(targets: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Options that one request can score together: equal length and equal tokens but the
+    last, so every span row has the same context for all of them. In order of first option."""
+    groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for j, ids in enumerate(targets):
+        groups.setdefault((len(ids), tuple(ids[:-1])), []).append(j)
+    return list(groups.values())
+
+
+def tokenize(
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    overflow: str = "truncate",
+    merge_options: bool = True,
+) -> tuple[list[Request], TokenizeReport]:
+    """Requests for each example: prompt ids + target ids, tokenized separately.
+
+    Separate tokenization (as in MeZO) makes the option boundary exact: joint tokenization
+    could merge the last prompt token with the first option token. The BOS token, when the
+    tokenizer adds one, goes in front of the prompt. Options that differ only in their last
+    token share one request (`Request.alternatives`; all single-token options do), unless
+    `merge_options` is False; others get a request each, and share their context through the
+    engine's prefix cache. An example longer than `max_len` is, with `overflow="truncate"`,
+    cut from the left of its context (after the BOS), by the same amount for all its options
+    so they are compared on the same context; it is dropped when its longest target leaves no
+    context token, since the first target token must be predicted from something. With
+    `overflow="reject"` it is dropped whole.
+    """
+    if overflow not in ("truncate", "reject"):
+        raise ValueError(f"overflow must be 'truncate' or 'reject', got {overflow!r}")
+    if not examples:
+        return [], TokenizeReport(truncated=0, rejected=0)
+    bos = ([tokenizer.bos_token_id]
+           if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
+           else [])
+    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
+    texts = list(dict.fromkeys(t for e in examples for t in e.targets))
+    target_ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"]))
+    requests: list[Request] = []
+    truncated = rejected = 0
+    for i, (example, prompt) in enumerate(zip(examples, prompts)):
+        targets = [list(target_ids[t]) for t in example.targets]
+        for j, ids in enumerate(targets):
+            if not ids:
+                raise error(f"example {i}", None, f"targets[{j}]",
+                            f"{example.targets[j]!r} tokenizes to no tokens")
+        if not bos and not prompt:
+            raise error(f"example {i}", None, "prompt", "empty prompt and no BOS token: "
+                        "the first target token has nothing to be predicted from")
+        room = max_len - max(len(ids) for ids in targets)  # context tokens that fit
+        if len(bos) + len(prompt) > room:
+            if overflow == "reject" or room < 1:
+                rejected += 1
+                continue
+            keep = max(room - len(bos), 0)
+            prompt = prompt[len(prompt) - keep:]
+            truncated += 1
+        context = bos + list(prompt)
+        groups = option_groups(targets) if merge_options else [[j] for j in range(len(targets))]
+        for first, *others in groups:
+            requests.append(Request(example=i, target=first, token_ids=tuple(context + targets[first]),
+                                    span_start=len(context),
+                                    alternatives=tuple((j, targets[j][-1]) for j in others)))
+    return requests, TokenizeReport(truncated=truncated, rejected=rejected)
