@@ -262,20 +262,6 @@ class VllmEngine:
             return self._score_spans(requests, variant_loras)
         return self._score_prompt_logprobs(requests, variant_loras)
 
-    @staticmethod
-    def _prompts(
-        requests: Sequence[Request], variant_loras: Sequence[Any]
-    ) -> tuple[list[Any], list[Any]]:
-        """Every request under every LoRA, LoRA-major: (TokensPrompts, LoRARequests)."""
-        from vllm.inputs import TokensPrompt
-
-        prompts, loras = [], []
-        for lora in variant_loras:
-            for r in requests:
-                prompts.append(TokensPrompt(prompt_token_ids=list(r.token_ids)))
-                loras.append(lora)
-        return prompts, loras
-
     def _score_spans(
         self, requests: Sequence[Request], variant_loras: Sequence[Any],
         share_prefix: bool | None = None,
@@ -297,10 +283,15 @@ class VllmEngine:
         """One engine call: every worker's per-token span log-probs, and each prompt's key."""
         from .patches import span_logprobs
 
+        from vllm.inputs import TokensPrompt
+
         share = self.config.prefix_sharing if share_prefix is None else share_prefix
-        prompts, loras = self._prompts(requests, variant_loras)
+        # A span's last token is never input, only a candidate: its prompt stops before it.
+        shortened = [TokensPrompt(prompt_token_ids=list(r.token_ids[:-1])) for r in requests]
+        candidates = [[list(row) for row in r.candidates] for r in requests]
+        prompts = [prompt for _ in variant_loras for prompt in shortened]
+        loras = [lora for lora in variant_loras for _ in requests]
         keys = [next(self._span_keys) for _ in prompts]
-        candidates = [[list(row) for row in r.candidates] if r.alternatives else None for r in requests]
         params = [
             span_logprobs.span_params(r.span_start, key, rows, read_prefix_cache=share)
             for key, (r, rows) in zip(keys, itertools.cycle(list(zip(requests, candidates))))
@@ -338,8 +329,11 @@ class VllmEngine:
         """Score through upstream's prompt log-probs (every prompt position, full vocabulary),
         which give only the prompt's own tokens: a request with alternatives becomes one
         request per column, as a stock vLLM user scores options."""
+        from vllm.inputs import TokensPrompt
+
         requests = [column for r in requests for column in r.columns()]
-        prompts, loras = self._prompts(requests, variant_loras)
+        prompts = [TokensPrompt(prompt_token_ids=list(r.token_ids)) for _ in variant_loras for r in requests]
+        loras = [lora for lora in variant_loras for _ in requests]
         outputs = self.llm.generate(prompts, self._params, lora_request=loras, use_tqdm=False)
         self._count(outputs)
         sums = np.empty(len(prompts), dtype=np.float64)

@@ -44,7 +44,7 @@ def test_chunks_cover_each_span_row_once(length, span_start):
         bounds = [cached, *cuts.tolist(), length]
         seen: list[int] = []
         for c0, c1 in zip(bounds, bounds[1:]):
-            lo, hi = span_logprobs.chunk_span_rows(c0, c1 - c0, length, span_start)
+            lo, hi = span_logprobs.chunk_span_rows(c0, c1 - c0, span_start, length - span_start)
             seen.extend(range(lo, hi))
         assert seen == list(range(span_start - 1, length - 1))
 
@@ -66,6 +66,8 @@ class FakeRunner:
 
     def add(self, req_id: str, ids: list[int], span: tuple[int, int] | None,
             candidates: list[list[int]] | None = None) -> None:
+        if span is not None and candidates is None:  # the prompt's own next tokens
+            candidates = [[t] for t in ids[span[0]:]]
         params = None if span is None else span_logprobs.span_params(*span, candidates)
         self.requests[req_id] = SimpleNamespace(
             prompt_token_ids=ids, sampling_params=params, num_computed_tokens=0
@@ -116,25 +118,26 @@ def test_step_hook_accumulates_chunks_across_requests():
 
 def test_candidates_score_several_ids_per_row_across_chunks():
     """CANDIDATES ([rows][columns], V2's prompt_logprob_token_ids shape) gives each row the
-    log-probs of its listed ids, also when a chunk boundary falls inside the span."""
+    log-probs of its listed ids, also when a chunk boundary falls inside the span, and the
+    rows may include the prompt's last position (whose logits upstream computes only to sample)."""
     g = torch.Generator().manual_seed(1)
     head = torch.randn(VOCAB, HIDDEN, generator=g)
     runner = FakeRunner(head)
     ids = torch.randint(0, VOCAB, (10,), generator=g).tolist()
-    states = {"m": torch.randn(10, HIDDEN, generator=g), "one": torch.randn(6, HIDDEN, generator=g)}
+    states = {"m": torch.randn(10, HIDDEN, generator=g), "last": torch.randn(6, HIDDEN, generator=g)}
     candidates = [[ids[r + 1], 3, 7] for r in range(5, 9)]  # span start 6: rows 5..8
     runner.add("m", ids, (6, 0), candidates)
-    runner.add("one", ids[:6], (5, 1), [[11, 12, 13, 14]])
-    runner.step({"m": 7, "one": 6}, states)  # m: rows 5, 6 now, 7, 8 next step
+    runner.add("last", ids[:6], (6, 1), [[11, 12, 13, 14]])  # row 5: the prompt's last
+    runner.step({"m": 7, "last": 6}, states)  # m: rows 5, 6 now, 7, 8 next step
     runner.step({"m": 3}, states)
     got = span_logprobs.take_from(runner)
     logprobs = torch.log_softmax(states["m"] @ head.T, dim=-1)
     expected = np.array([[logprobs[r, t].item() for t in row] for r, row in zip(range(5, 9), candidates)])
     np.testing.assert_allclose(got[0], expected, rtol=1e-6, atol=1e-6)
-    last = torch.log_softmax(states["one"] @ head.T, dim=-1)[4]
+    last = torch.log_softmax(states["last"] @ head.T, dim=-1)[5]
     np.testing.assert_allclose(got[1], [[last[t].item() for t in (11, 12, 13, 14)]], rtol=1e-6, atol=1e-6)
-    runner.add("bad", ids, (6, 2), [[1, 2]])  # one candidate row for a 4-token span
-    with pytest.raises(span_logprobs.SpanError, match="candidate rows"):
+    runner.add("bad", ids, (6, 2), [[1]] * 6)  # rows 5..10 of a 10-token prompt
+    with pytest.raises(span_logprobs.SpanError, match="does not fit"):
         runner.step({"bad": 10}, {"bad": states["m"]})
 
 

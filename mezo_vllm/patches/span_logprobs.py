@@ -11,25 +11,30 @@ cached positions get no log-prob. (V2's `prompt_logprob_start` does suffix-only 
 needs Triton, so it does not run on CPU.)
 
 Change: a request marks its span with `SamplingParams.extra_args` (`span_params()` builds the
-params: `{START: first target index, KEY: a caller's id, CANDIDATES: the token ids to score
-per span row}`, no prompt log-probs, one greedy token, no detokenization). After each model
-step, the wrapped `_get_prompt_logprobs_dict` collects, for every scheduled request with a
-span, the span rows that this step computed (row i predicts token i+1; span rows are
-start-1 .. len-2; with chunked prefill a prompt spans several steps, each from
-`request.num_computed_tokens`), runs the lm_head once over all those rows of all requests (per
-`MAX_ROWS` rows; with each row's own lm_head LoRA slot, via `lora_prompt_logprobs.batch_rows`),
-takes an fp32 log_softmax as upstream does (`Sampler.compute_logprobs`) and gathers the
-log-prob of each of the row's candidate ids: by default the actual next token; with
-CANDIDATES (a [rows][columns] list, the shape of V2's `prompt_logprob_token_ids`) several ids
-per row, so that one request scores several options that differ in their last token. (The
-sampler still computes the logits of each request's last position for its one generated token,
-as for any request.) The values land in a per-runner dict keyed by the caller's id, one
-[rows, columns] array per request: a row computed again (a preempted request recomputes its
-prompt) overwrites its values, and a row never computed stays NaN, which `take()` reports as an
-error (e.g. a prefix cache hit that covered span rows). The caller fetches and clears the dict
-with `take_from` after `generate` (`worker.MezoWorkerExtension.mezo_take_spans`) (ranks that compute no logits, pipeline stages
-before the last, store nothing). Requests without the mark take upstream's path unchanged;
-`logprobs_mode` is ignored for span rows (always normalised log-probs).
+params: `{START: index of the first target token, KEY: a caller's id, CANDIDATES: the token ids
+to score at each span row}`, no prompt log-probs, one greedy token, no detokenization).
+CANDIDATES is a [rows][columns] list, the shape of V2's `prompt_logprob_token_ids`: row i is
+prompt position START-1+i and scores its ids as predictions of the token after it. The rows
+may run to the prompt's *last* position, whose logits upstream computes only for sampling:
+the caller sends a span without its last token (that token is never needed as input, only as
+a candidate), so a request of n target tokens costs n-1 prompt tokens fewer than a prompt
+that spells the whole span; and several ids per row let one request score several options
+that differ in their last token (SST-2's " terrible"/" great" from one forward pass).
+
+After each model step, the wrapped `_get_prompt_logprobs_dict` collects, for every scheduled
+request with a span, the span rows that this step computed (with chunked prefill a prompt spans
+several steps, each from `request.num_computed_tokens`), runs the lm_head once over all those
+rows of all requests (per `MAX_ROWS` rows; with each row's own lm_head LoRA slot, via
+`lora_prompt_logprobs.batch_rows`), takes an fp32 log_softmax as upstream does
+(`Sampler.compute_logprobs`) and gathers each row's candidate ids. (The sampler still computes
+the logits of each request's last position for its one generated token, as for any request.)
+The values land in a per-runner dict keyed by the caller's id, one [rows, columns] array per
+request: a row computed again (a preempted request recomputes its prompt) overwrites its values,
+and a row never computed stays NaN, which `take_from()` reports as an error (e.g. a prefix cache
+hit that covered span rows). The caller fetches and clears the dict with `take_from` after
+`generate` (`worker.MezoWorkerExtension.mezo_take_spans`; ranks that compute no logits, pipeline
+stages before the last, store nothing). Requests without the mark take upstream's path
+unchanged; `logprobs_mode` is ignored for span rows (always normalised log-probs).
 
 Keying by the caller's id, not by the request id, keeps the caller independent of how vLLM
 renames requests: `InputProcessor.assign_request_id` makes the runner's id
@@ -53,7 +58,7 @@ NAME = "span_logprobs"
 
 START = "mezo_span_start"  # extra_args: index in the prompt of the first target token
 KEY = "mezo_span_key"  # extra_args: the caller's id for the request's result
-CANDIDATES = "mezo_span_candidates"  # extra_args: [rows][columns] token ids to score, optional
+CANDIDATES = "mezo_span_candidates"  # extra_args: [rows][columns] token ids to score
 MAX_ROWS = 1024  # span rows per lm_head call: bounds the [rows, vocab] fp32 log-prob buffer
 
 
@@ -61,20 +66,17 @@ class SpanError(RuntimeError):
     """A span request whose target rows were not all computed (or a malformed span)."""
 
 
-def span_params(span_start: int, key: int, candidates: list[list[int]] | None = None, *,
+def span_params(span_start: int, key: int, candidates: list[list[int]], *,
                 read_prefix_cache: bool = False) -> Any:
     """SamplingParams for a span request: one greedy token, no prompt log-probs, no detokenizing.
 
-    `candidates`: the token ids to score at each span row ([rows][columns]); None scores the
-    prompt's own next token at each row. The prefix cache is not read by default: a cached
-    prefix must never cover span rows (they would not be computed). `prefix_sharing` reads it
-    with the hit capped below the span.
+    `candidates`: the token ids to score at each span row, [rows][columns]. The prefix cache is
+    not read by default: a cached prefix must never cover span rows (they would not be
+    computed). `prefix_sharing` reads it with the hit capped below the span.
     """
     from vllm import SamplingParams
 
-    extra: dict[str, Any] = {START: int(span_start), KEY: int(key)}
-    if candidates is not None:
-        extra[CANDIDATES] = candidates
+    extra = {START: int(span_start), KEY: int(key), CANDIDATES: candidates}
     return SamplingParams(
         max_tokens=1,
         temperature=0.0,
@@ -92,20 +94,16 @@ def span_of(sampling_params: Any) -> tuple[int, int] | None:
     return extra[START], extra[KEY]
 
 
-def _candidates(sampling_params: Any) -> list[list[int]] | None:
-    return sampling_params.extra_args.get(CANDIDATES)
-
-
 def chunk_span_rows(
-    num_computed: int, num_scheduled: int, num_prompt: int, span_start: int
+    num_computed: int, num_scheduled: int, span_start: int, num_rows: int
 ) -> tuple[int, int]:
-    """Prompt rows [lo, hi) of this step's chunk that predict a target token (hi ≤ lo: none).
+    """Prompt rows [lo, hi) of this step's chunk that are span rows (hi ≤ lo: none).
 
-    The chunk computes positions num_computed .. num_computed+num_scheduled-1; position i's
-    logits predict token i+1, so the span rows are span_start-1 .. num_prompt-2.
+    The chunk computes positions num_computed .. num_computed+num_scheduled-1; the span rows
+    are span_start-1 .. span_start-2+num_rows (position i's logits predict token i+1).
     """
     lo = max(num_computed, span_start - 1)
-    hi = min(num_computed + num_scheduled, num_prompt - 1)
+    hi = min(num_computed + num_scheduled, span_start - 1 + num_rows)
     return lo, hi
 
 
@@ -130,25 +128,22 @@ def _collect(runner: Any, num_scheduled_tokens: dict[str, int]) -> _Rows:
             continue
         start, key = span
         ids = request.prompt_token_ids
-        if ids is None or not 1 <= start < len(ids):
-            raise SpanError(f"span start {start} outside 1..{0 if ids is None else len(ids) - 1}")
-        candidates = _candidates(request.sampling_params)
-        if candidates is not None and len(candidates) != len(ids) - start:
-            raise SpanError(f"{len(candidates)} candidate rows for a span of {len(ids) - start} tokens")
-        width = 1 if candidates is None else len(candidates[0])
+        candidates = request.sampling_params.extra_args.get(CANDIDATES)
+        if ids is None or not candidates or not 1 <= start <= start - 1 + len(candidates) <= len(ids):
+            raise SpanError(f"a span of {len(candidates or ())} rows from position {start - 1} does not fit "
+                            f"a prompt of {0 if ids is None else len(ids)} tokens")
+        width = len(candidates[0])
         c0 = request.num_computed_tokens
-        lo, hi = chunk_span_rows(c0, n, len(ids), start)
+        lo, hi = chunk_span_rows(c0, n, start, len(candidates))
         # A chunk without span rows still registers the request: a span whose rows are all
         # missing must be reported, not lost.
         count = max(hi - lo, 0)
-        rows.dest.append((key, len(ids) - start, width, lo - (start - 1), count))
+        rows.dest.append((key, len(candidates), width, lo - (start - 1), count))
         if count:
             first = int(query_start[index_of[req_id]]) + lo - c0
             for row in range(lo, hi):
-                at = len(rows.batch_rows)
+                rows.pairs.extend((len(rows.batch_rows), token) for token in candidates[row - (start - 1)])
                 rows.batch_rows.append(first + row - lo)
-                wanted = (ids[row + 1],) if candidates is None else candidates[row - (start - 1)]
-                rows.pairs.extend((at, token) for token in wanted)
     return rows
 
 
