@@ -120,6 +120,47 @@ def test_add_lora_linear_equals_upstream(dtype):
     torch.testing.assert_close(got, expected, **TOL[dtype])
 
 
+def test_slices_with_zero_b_are_skipped_and_rescanned_when_written():
+    """q/v adapters leave k, o, gate/up, down zero in every slot: the wrapper skips them (no
+    matmul), equals upstream, and notices a slot written in place later (vLLM's set_lora)."""
+    w = wrapper(MIXED, True)
+    n, slices = len(MIXED), (16, 8, 8)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, IN, generator=g)
+    a = tuple(torch.randn(SLOTS, 1, RANK, IN, generator=g) / IN**0.5 for _ in slices)
+    b = tuple(torch.randn(SLOTS, 1, s, RANK, generator=g) / RANK**0.5 for s in slices)
+    b[1].zero_()  # the middle slice: zero in every slot
+    b[0][2].zero_()  # the first slice: zero in slot 2 only
+
+    def upstream(y):
+        offset = 0
+        for ai, bi, size in zip(a, b, slices):
+            buffer = torch.zeros(n, RANK)
+            sgmv_shrink(x, ai, buffer, *w.prefill_metadata, 1.0)
+            sgmv_expand_slice(buffer, bi, y, *w.prefill_metadata, offset, size, True)
+            offset += size
+        return y
+
+    calls = []
+    real = fast_cpu_lora.shrink
+    fast_cpu_lora.shrink = lambda *args: (calls.append(1), real(*args))
+    try:
+        y = torch.randn(n, sum(slices), generator=g)
+        got = y.clone()
+        w.add_lora_linear(got, x, a, b, 1.0, slices)
+        torch.testing.assert_close(got, upstream(y.clone()))
+        segs = fast_cpu_lora.token_segments(torch.tensor(MIXED))
+        in_slot_2 = sum(1 for _, _, slot in segs if slot == 2)
+        assert len(calls) == 2 * len(segs) - in_slot_2  # slice 1 never, slice 0 not in slot 2
+        b[1][0, 0].copy_(torch.randn(8, RANK, generator=g))  # write slot 0 of the middle slice
+        got = y.clone()
+        w.add_lora_linear(got, x, a, b, 1.0, slices)
+        torch.testing.assert_close(got, upstream(y.clone()))
+        assert not torch.equal(got[:, 16:24], y[:, 16:24])
+    finally:
+        fast_cpu_lora.shrink = real
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("prefill", [True, False])
 def test_rows_without_adapter_are_left_alone(dtype, prefill):
@@ -163,7 +204,7 @@ def test_segments_from_token_slots():
 
 def test_apply_is_idempotent():
     ops, modes = ("shrink", "expand", "expand_slice"), ("prefill", "decode")
-    names = [f"_{op}_{mode}" for op in ops for mode in modes]
+    names = [f"_{op}_{mode}" for op in ops for mode in modes] + ["add_lora_linear"]
     fast_cpu_lora.apply()
     first = {name: PunicaWrapperCPU.__dict__[name] for name in names}
     fast_cpu_lora.apply()

@@ -26,6 +26,12 @@ so each slot is one segment. The semantics are upstream's: shrink overwrites `y[
 
 So fp32 results equal upstream's up to summation order, bf16 ones to about one bf16 ulp.
 
+`add_lora_linear` (what every LoRA linear layer calls) also skips a slice in a slot whose B is
+all zeros: vLLM wraps every supported linear layer (qkv_proj, o_proj, gate_up_proj, down_proj)
+whatever the adapter targets, and an adapter on q_proj/v_proj leaves 5 of those 7 slices zero
+in every slot. Which slots are zero is recomputed only when a slot is written (the stacked
+tensor's version counter, which vLLM's in-place `set_lora`/`reset_lora` bump).
+
 Written for vLLM 0.32.0.
 """
 
@@ -96,6 +102,36 @@ def expand(y: Tensor, x: Tensor, w: Tensor, segs: Segments, add_inputs: bool) ->
     expand_slice(y, x, w, segs, 0, y.shape[1], add_inputs)
 
 
+_live: dict[int, tuple[int, int, list[bool]]] = {}  # id → (data_ptr, version, slot has B ≠ 0)
+
+
+def live_slots(stacked: Tensor) -> list[bool]:
+    """Per slot: is any weight non-zero? Cached until the tensor is written again."""
+    key, state = id(stacked), (stacked.data_ptr(), stacked._version)
+    cached = _live.get(key)
+    if cached is None or cached[:2] != state:
+        cached = (*state, stacked.flatten(1).any(1).tolist())
+        _live[key] = cached
+    return cached[2]
+
+
+def add_lora_linear(y: Tensor, x: Tensor, lora_a: tuple[Tensor, ...], lora_b: tuple[Tensor, ...],
+                    scale: float, output_slices: tuple[int, ...], segs: Segments) -> None:
+    """y[rows, slice i] += scale · x[rows] Aᵢₛᵀ Bᵢₛᵀ per segment (rows, slot s) and slice i,
+    with upstream's fp32 intermediate; slices whose B is zero in slot s are skipped."""
+    y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+    offset = 0
+    for a_all, b_all, size in zip(lora_a, lora_b, output_slices):
+        live = live_slots(b_all)
+        for start, n, slot in segs:
+            if not live[slot]:
+                continue
+            buffer = torch.empty(n, a_all.shape[-2], dtype=torch.float32)
+            shrink(buffer, x2[start : start + n], a_all[slot : slot + 1], [(0, n, 0)], scale)
+            expand_slice(y2[start : start + n], buffer, b_all[slot : slot + 1], [(0, n, 0)], offset, size, True)
+        offset += size
+
+
 def _prefill(self: Any) -> Segments:
     starts, lengths, slots = self.prefill_metadata[:3]
     return segments(starts, lengths, slots)
@@ -123,6 +159,16 @@ def _methods(segs_of: Callable[[Any], Segments]) -> dict[str, Callable[..., None
     return {"shrink": _shrink, "expand": _expand, "expand_slice": _expand_slice}
 
 
+def _add_lora_linear(self: Any, y: Tensor, x: Tensor, lora_a_stacked: tuple[Tensor, ...],
+                     lora_b_stacked: tuple[Tensor, ...], scale: float, output_slices: tuple[int, ...],
+                     **kwargs: Any) -> None:
+    """PunicaWrapperCPU.add_lora_linear's signature (its `buffer` is not needed)."""
+    if self.no_lora:
+        return
+    add_lora_linear(y, x, lora_a_stacked, lora_b_stacked, scale, output_slices,
+                    _prefill(self) if self.is_prefill else _decode(self))
+
+
 def apply() -> None:
     check_version(NAME, SUPPORTED)
     from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
@@ -131,3 +177,4 @@ def apply() -> None:
         for mode, segs_of in (("prefill", _prefill), ("decode", _decode)):
             for op, method in _methods(segs_of).items():
                 setattr(PunicaWrapperCPU, f"_{op}_{mode}", method)
+        PunicaWrapperCPU.add_lora_linear = _add_lora_linear
