@@ -26,7 +26,8 @@ def projected_gradients(dtype: str, n_seeds: int) -> dict[str, list[float]]:
     from mezo_vllm.engine import EngineConfig, VllmEngine
     from mezo_vllm.estimator import projected_gradient
     from mezo_vllm.model import resolve_model
-    from mezo_vllm.trainer import Split, batch_examples, batch_loss
+    from mezo_vllm.data import Split
+    from mezo_vllm.trainer import batch_examples, batch_loss
 
     model_dir = str(resolve_model(None))
     adapter = LoraAdapter.init(LoraSpec(), model_linear_shapes(model_dir), seed=0)

@@ -66,7 +66,7 @@ def _peak_rss_gib() -> float:
 
 def _test_split(task: str, tokenizer: Any):
     from mezo_vllm.data import Dataset, load_task
-    from mezo_vllm.trainer import Split
+    from mezo_vllm.data import Split
 
     test = load_task(task).test
     test = Dataset(test.name, test.kind, test.examples[: TEST_CAP.get(task, DEFAULT_TEST_CAP)])
@@ -74,7 +74,7 @@ def _test_split(task: str, tokenizer: Any):
 
 
 def _metric(engine: Any, split: Any, variant: int | None) -> float:
-    from mezo_vllm.trainer import evaluate
+    from mezo_vllm.evaluation import evaluate
 
     m = evaluate(engine, split, variant)
     return m["accuracy"] if "accuracy" in m else m["f1"]
@@ -208,7 +208,8 @@ def first_order(task: str, steps: int | None, name: str | None) -> None:
     from mezo_vllm.data import CLASSIFICATION, load_task
     from mezo_vllm.model import resolve_model
     from mezo_vllm.objective import accuracy, batch_loss
-    from mezo_vllm.trainer import Split, batch_examples
+    from mezo_vllm.data import Split
+    from mezo_vllm.trainer import batch_examples
 
     budget, batch = FO[task]
     steps = steps or budget

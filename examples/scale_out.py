@@ -26,7 +26,8 @@ from mezo_vllm.engine import EngineConfig, VllmEngine
 from mezo_vllm.estimator import ZOSGD
 from mezo_vllm.model import prepare_default_model
 from mezo_vllm.replicas import ReplicatedEngine
-from mezo_vllm.trainer import Split, batch_examples, batch_loss, step_seed
+from mezo_vllm.data import Split
+from mezo_vllm.trainer import batch_examples, batch_loss, step_seed
 
 
 class _Timed:

@@ -148,10 +148,6 @@ class LoraAdapter:
                 out[module] = (a, self.tensors[peft_key(module, "B")])
         return out
 
-    def perturbed(self, seed: int, scale: float) -> dict[str, torch.Tensor]:
-        """θ + scale·z(seed), computed afresh from the master so no rounding ever accumulates."""
-        return self.variants([(seed, scale)])[0]
-
     def variants(self, writes: Sequence[tuple[Direction, float]]) -> list[dict[str, torch.Tensor]]:
         """θ + scale·z(seed) for each (seed, scale); z is generated once per seed, so the ± pair
         of a MeZO step costs one draw, not two."""

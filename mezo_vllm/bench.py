@@ -34,7 +34,8 @@ from .config import DTYPES
 from .data import CLASSIFICATION, COMPLETION, Dataset, Example, load_task
 from .estimator import ZOSGD
 from .model import resolve_model
-from .trainer import Split, batch_examples, mezo_step, step_seed
+from .data import Split
+from .trainer import batch_examples, mezo_step, step_seed
 
 BACKENDS = ("patched", "stock", "peft")
 LABELS = {"patched": "mezo-vllm", "stock": "stock vLLM", "peft": "transformers+PEFT (batched)"}
@@ -130,7 +131,7 @@ class _Vllm:
         self.estimator = ZOSGD()
 
     def step(self, split: Split, requests: list, seed: int) -> list[float]:
-        return mezo_step(self.engine, split, requests, [seed], EPS, self.estimator, LR)[0]
+        return mezo_step(self.engine, split, requests, [seed], EPS, self.estimator, LR).losses
 
     def lora_vs_no_lora(self, requests: list) -> float:
         """Scoring time without an adapter ÷ with the two variant slots, same requests."""

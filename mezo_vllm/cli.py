@@ -199,7 +199,8 @@ def eval_(adapter_dir: str, task: str | None, split: str, data: str | None, mode
     from .data import load_file, load_task
     from .engine import EngineConfig, VllmEngine
     from .model import resolve_model
-    from .trainer import Split, evaluate
+    from .data import Split
+    from .evaluation import evaluate
 
     if (task is None) == (data is None):
         raise ConfigError("give exactly one of --task NAME or --data FILE")

@@ -216,15 +216,6 @@ class VllmEngine:
         finally:
             self.llm.llm_engine.remove_lora(DISK_ADAPTER_ID)
 
-    def greedy(self, prompts: Sequence[str], max_tokens: int, variant: int | None = _BASE) -> list[str]:
-        """Greedy continuations, e.g. to check a model or to evaluate generation tasks."""
-        from vllm import SamplingParams
-
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-        lora = None if variant is _BASE else self._loras[variant]
-        outputs = self.llm.generate(list(prompts), params, lora_request=lora, use_tqdm=False)
-        return [o.outputs[0].text for o in outputs]
-
     def generate(self, contexts: Sequence[Sequence[int]], max_tokens: int,
                  variants: Sequence[int | None], stop: str = "\n") -> list[list[str]]:
         """Greedy continuations of token-id contexts, [variant][context], all in one engine call

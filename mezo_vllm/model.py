@@ -7,10 +7,9 @@ safetensors folder under the cache directory. Every later start reads that folde
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-import shutil
-import tempfile
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -54,12 +53,25 @@ def prepare_default_model(force: bool = False) -> Path:
 
     transformers dequantizes GGUF on load but refuses to `save_pretrained` such a model, so a
     fresh model is built from the config and given the dequantized state dict. The folder is
-    written under a temporary name and renamed, so a crash never leaves a half-written model.
+    written whole or not at all (`rundir.write_whole`), and a lock file makes a second process
+    that starts at the same time wait for the first one's folder instead of writing its own.
     """
     target = default_model_dir()
     if target.is_dir() and not force:
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.is_dir() and not force:
+            return target
+        _dequantize_into(target)
+    return target
+
+
+def _dequantize_into(target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .rundir import write_whole
 
     gguf = _gguf_path()
     src, name = str(gguf.parent), gguf.name
@@ -68,19 +80,12 @@ def prepare_default_model(force: bool = False) -> Path:
     state = AutoModelForCausalLM.from_pretrained(src, gguf_file=name).state_dict()
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(state)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        tmp.chmod(0o755)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    write_whole(target, write)
 
 
 def resolve_model(model: str | None) -> Path:

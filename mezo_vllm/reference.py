@@ -113,6 +113,23 @@ class ReferenceEngine(InProcessMaster):
             rows.append(self._token_logprobs(requests))
         return rows
 
+    @torch.no_grad()
+    def generate(self, contexts: Sequence[Sequence[int]], max_tokens: int,
+                 variants: Sequence[int | None], stop: str = "\n") -> list[list[str]]:
+        """Greedy continuations [variant][context], cut before `stop`, as `VllmEngine.generate`."""
+        out = []
+        for v in variants:
+            self._set_weights(self._weights_of(v))
+            texts = []
+            for context in contexts:
+                ids = torch.tensor([list(context)])
+                new = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                          max_new_tokens=max_tokens, pad_token_id=self.tokenizer.eos_token_id)
+                text = self.tokenizer.decode(new[0, ids.shape[1]:], skip_special_tokens=True)
+                texts.append(text.split(stop)[0])
+            out.append(texts)
+        return out
+
     def score(self, requests: Sequence[Request], variants: Sequence[int | None]) -> np.ndarray:
         """[variants, columns] summed target log-probs, as `VllmEngine.score`."""
         return np.array([np.concatenate([t.sum(0) for t in row])

@@ -31,11 +31,12 @@ def test_init_is_peft_initialisation(initial_adapter):
 
 
 def test_perturbation_is_recomputed_from_the_master(initial_adapter):
-    plus = initial_adapter.perturbed(7, 1e-2)
+    plus, minus, same = initial_adapter.variants([(7, 1e-2), (7, -1e-2), (7, 0.0)])
     key = next(iter(plus))
     z = noise(7, key, plus[key].shape)
     assert torch.equal(plus[key], initial_adapter.tensors[key] + 1e-2 * z)
-    assert initial_adapter.perturbed(7, 0.0)[key] is initial_adapter.tensors[key]
+    assert torch.equal(minus[key], initial_adapter.tensors[key] - 1e-2 * z)
+    assert same[key] is initial_adapter.tensors[key]
 
 
 def test_update_applies_decay_then_seeded_terms(initial_adapter):

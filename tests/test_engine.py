@@ -30,7 +30,8 @@ def requests_(tokenizer) -> list[Request]:
 
 
 def test_default_model_knows_paris(engine_fp32):
-    assert engine_fp32.greedy(["The capital of France is"], max_tokens=2)[0].startswith(" Paris")
+    context = engine_fp32.tokenizer("The capital of France is")["input_ids"]
+    assert engine_fp32.generate([context], 2, [None])[0][0].startswith(" Paris")
 
 
 def test_in_place_slot_equals_adapter_loaded_from_disk(engine_fp32, random_adapter, tmp_path, requests_, model_dir):

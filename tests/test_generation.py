@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 
 from mezo_vllm.config import ConfigError, TuneConfig
-from mezo_vllm.data import COMPLETION, Dataset, Example, squad_f1
+from mezo_vllm.data import COMPLETION, Dataset, Example, Split
 from mezo_vllm.estimator import ZOSGD
-from mezo_vllm.trainer import MAX_ANSWER_TOKENS, Split, evaluate, mezo_step, tune
+from mezo_vllm.evaluation import MAX_ANSWER_TOKENS, evaluate
+from mezo_vllm.objective import squad_f1
+from mezo_vllm.trainer import mezo_step, tune
 
 QUESTIONS = (
     "Title: France\nContext: Paris is the capital and largest city of France.\n"
@@ -27,7 +29,8 @@ def _split(engine, answers):
 
 def test_generation_f1_and_exact_match_on_a_hand_made_case(engine_fp32, initial_adapter):
     engine_fp32.load_master(initial_adapter)  # B = 0: the adapter's answers are the base model's
-    said = [t.split("\n")[0] for t in engine_fp32.greedy(list(QUESTIONS), MAX_ANSWER_TOKENS)]
+    contexts = [engine_fp32.tokenizer(q)["input_ids"] for q in QUESTIONS]
+    said = engine_fp32.generate(contexts, MAX_ANSWER_TOKENS, [None])[0]
     assert all(s.strip() for s in said)
     # the model's own answer (EM 1), an answer sharing half its words (F1 < 1), a wrong one (0)
     words = said[1].split()
@@ -49,7 +52,8 @@ def test_f1_objective_scores_each_variant_in_one_call(engine_fp32, random_adapte
     requests = split.requests
     eps, seed = 0.5, 3  # a large ε, so that the two variants answer differently somewhere
     before = engine_fp32.master()
-    losses, grads = mezo_step(engine_fp32, split, requests, [seed], eps, ZOSGD(), lr=0.0, objective="f1")
+    result = mezo_step(engine_fp32, split, requests, [seed], eps, ZOSGD(), lr=0.0, objective_name="f1")
+    losses, grads = result.losses, result.grads
     engine_fp32.write_variants([(seed, eps), (seed, -eps)])
     contexts = [r.token_ids[: r.span_start] for r in requests]
     texts = engine_fp32.generate(contexts, MAX_ANSWER_TOKENS, [0, 1])

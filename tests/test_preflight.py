@@ -24,7 +24,7 @@ from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes
 from mezo_vllm.cli import main
 from mezo_vllm.config import LORA_RANKS, ConfigError, TuneConfig
 from mezo_vllm.model import ModelError, resolve_model
-from mezo_vllm.trainer import save_checkpoint
+from mezo_vllm.rundir import save_checkpoint
 
 
 class EngineStarted(Exception):

@@ -27,7 +27,8 @@ import mezo_vllm.trainer
 from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes, resolve_targets
 from mezo_vllm.cli import main
 from mezo_vllm.config import TuneConfig
-from mezo_vllm.trainer import EngineFailed, load_checkpoint, save_checkpoint, tune
+from mezo_vllm.rundir import load_checkpoint, save_checkpoint
+from mezo_vllm.trainer import EngineFailed, tune
 from test_trainer_loop import StandInEngine, _cfg
 
 # --------------------------------------------------------------------------- checkpoints under SIGKILL
@@ -38,7 +39,7 @@ _SAVER = r"""
 import sys
 from pathlib import Path
 from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes, resolve_targets
-from mezo_vllm.trainer import load_checkpoint, save_checkpoint
+from mezo_vllm.rundir import load_checkpoint, save_checkpoint
 
 run, model = Path(sys.argv[1]), sys.argv[2]
 shapes = model_linear_shapes(model)
@@ -96,7 +97,7 @@ def test_sigkill_at_random_moments_of_many_saves_leaves_a_whole_checkpoint(tmp_p
 _CRASHER = r"""
 import os, shutil, sys
 from pathlib import Path
-from mezo_vllm import trainer
+from mezo_vllm import rundir
 from mezo_vllm.adapter import LoraAdapter, LoraSpec
 
 run, point = Path(sys.argv[1]), sys.argv[2]
@@ -104,7 +105,7 @@ shapes = {f"model.layers.{i}.self_attn.{m}": (32, 16) for i in range(2) for m in
 adapter = LoraAdapter.init(LoraSpec(), shapes, seed=0)
 for t in adapter.tensors.values():
     t.fill_(1)
-trainer.save_checkpoint(run, adapter, "m", 1)
+rundir.save_checkpoint(run, adapter, "m", 1)
 for t in adapter.tensors.values():
     t.fill_(2)
 renames, real_replace, real_rmtree = [], os.replace, shutil.rmtree
@@ -128,8 +129,8 @@ def fsync_tree(folder):
 
 os.replace, shutil.rmtree = replace, rmtree
 if point == "while writing":
-    trainer._fsync_tree = fsync_tree
-trainer.save_checkpoint(run, adapter, "m", 2)
+    rundir.fsync_tree = fsync_tree
+rundir.save_checkpoint(run, adapter, "m", 2)
 os._exit(0)
 """
 

@@ -25,7 +25,9 @@ from mezo_vllm.data import Request, load_task
 from mezo_vllm.engine import EngineConfig
 from mezo_vllm.estimator import ZOSGD
 from mezo_vllm.replicas import shard_requests
-from mezo_vllm.trainer import EngineFailed, Split, load_checkpoint, mezo_step, tune
+from mezo_vllm.data import Split
+from mezo_vllm.rundir import load_checkpoint
+from mezo_vllm.trainer import EngineFailed, mezo_step, tune
 
 
 def _requests(lengths_per_example: list[list[int]]) -> list[Request]:

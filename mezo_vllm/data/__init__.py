@@ -8,9 +8,9 @@ last token, else one per option; a completion example yields one request.
 
 from .files import load_file
 from .tasks import builtin_tasks, load_task, task_template
-from .tokenize import TokenizeReport, tokenize
+from .tokenize import Split, TokenizeReport, tokenize
 from .types import CLASSIFICATION, COMPLETION, KINDS, DataError, Dataset, Example, Request, TaskSplits
 
 __all__ = ["CLASSIFICATION", "COMPLETION", "KINDS", "DataError", "Dataset", "Example", "Request",
-           "TaskSplits", "TokenizeReport", "builtin_tasks", "load_file", "load_task", "task_template",
+           "Split", "TaskSplits", "TokenizeReport", "builtin_tasks", "load_file", "load_task", "task_template",
            "tokenize"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .types import Example, Request, error
+from tqdm import tqdm
+
+from .types import DataError, Dataset, Example, Request, error
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -83,3 +85,33 @@ def tokenize(
                                     span_start=len(context),
                                     alternatives=tuple((j, targets[j][-1]) for j in others)))
     return requests, TokenizeReport(truncated=truncated, rejected=rejected)
+
+
+@dataclass
+class Split:
+    """A dataset with its requests, tokenized once for the whole run."""
+
+    dataset: Dataset
+    requests: list[Request]
+    by_example: dict[int, list[Request]]
+
+    @classmethod
+    def make(cls, dataset: Dataset, tokenizer: Any, max_len: int, overflow: str) -> "Split":
+        requests, report = tokenize(dataset.examples, tokenizer, max_len, overflow)
+        if report.truncated or report.rejected:
+            tqdm.write(f"{dataset.name}: {report.truncated} examples truncated from the left, "
+                       f"{report.rejected} rejected (longer than {max_len} tokens)")
+        by_example: dict[int, list[Request]] = {}
+        for r in requests:
+            by_example.setdefault(r.example, []).append(r)
+        if not by_example:
+            raise DataError(f"{dataset.name}: no example fits in {max_len} tokens")
+        return cls(dataset, requests, by_example)
+
+    def requests_of(self, examples: Sequence[int]) -> list[Request]:
+        return [r for i in examples for r in self.by_example[i]]
+
+    def first(self, n: int) -> "Split":
+        """The split's first n examples (evaluating on part of a dev split)."""
+        keep = sorted(self.by_example)[:n]
+        return Split(self.dataset, self.requests_of(keep), {i: self.by_example[i] for i in keep})
