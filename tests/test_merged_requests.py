@@ -11,7 +11,19 @@ from mezo_vllm.objective import example_losses
 from mezo_vllm.reference import ReferenceEngine
 
 VARIANTS = [None, 0, 1]
-TOL = 1e-5  # fp32, |Δ loss|
+TOL = 1e-5  # fp32, |Δ loss| between the merged and the one-request-per-option path
+REFERENCE_TOL = 1e-4  # vLLM vs transformers in fp32 (validate's LOSS_TOL): kernels differ
+
+
+def _assert_same_losses(engine, reference, dataset, merged, separate) -> np.ndarray:
+    """Merged == separate on vLLM within TOL, and merged no farther from transformers than
+    the separate path is (plus TOL)."""
+    ours, theirs = _losses(engine, dataset, merged), _losses(engine, dataset, separate)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=TOL)
+    truth = _losses(reference, dataset, merged)
+    np.testing.assert_allclose(ours, truth, rtol=0, atol=REFERENCE_TOL)
+    assert np.abs(ours - truth).max() <= np.abs(theirs - truth).max() + TOL
+    return ours
 
 
 def _losses(engine, dataset: Dataset, requests) -> np.ndarray:
@@ -51,9 +63,7 @@ def test_each_task_kind_keeps_its_losses(both, tokenizer, task):
     separate, _ = tokenize(dataset.examples, tokenizer, 1024, merge_options=False)
     if task in ("sst2", "rte", "cb", "boolq"):  # single-token verbalizers: one request per example
         assert len(merged) == len(dataset.examples) < len(separate)
-    ours = _losses(engine, dataset, merged)
-    np.testing.assert_allclose(ours, _losses(engine, dataset, separate), rtol=0, atol=TOL)
-    np.testing.assert_allclose(ours, _losses(reference, dataset, merged), rtol=0, atol=TOL)
+    ours = _assert_same_losses(engine, reference, dataset, merged, separate)
     assert np.abs(ours[1] - ours[2]).max() > 1e-5  # the ± variants score differently
 
 
@@ -66,9 +76,7 @@ def test_a_mixed_batch_keeps_its_losses(both, tokenizer):
     merged, _ = tokenize(examples, tokenizer, 1024)
     separate, _ = tokenize(examples, tokenizer, 1024, merge_options=False)
     assert len(merged) == 3 + 2 + 6 and len(separate) == 6 + 6 + 6
-    ours = _losses(engine, dataset, merged)
-    np.testing.assert_allclose(ours, _losses(engine, dataset, separate), rtol=0, atol=TOL)
-    np.testing.assert_allclose(ours, _losses(reference, dataset, merged), rtol=0, atol=TOL)
+    _assert_same_losses(engine, reference, dataset, merged, separate)
 
 
 def test_stock_scoring_splits_a_merged_request_into_its_columns(engine_fp32, tokenizer):

@@ -76,7 +76,8 @@ def test_shared_prefixes_give_the_same_scores(engine_fp32, initial_adapter, monk
     some = [i for i, r in enumerate(reqs) if r.example in (0, 7, 15)]
     for row, lora in enumerate(loras):
         alone = engine_fp32._score_spans([reqs[i] for i in some], [lora], share_prefix=False)[0]
-        np.testing.assert_allclose(shared[row, some], alone, rtol=0, atol=1e-5)
+        # the same up to fp32 rounding (GEMM blocking follows the batch; sums are ~-40)
+        np.testing.assert_allclose(shared[row, some], alone, rtol=5e-6, atol=1e-5)
     assert np.abs(shared[0] - shared[1]).max() > 1e-2  # the variants did not share KV
 
 
