@@ -78,7 +78,8 @@ def tune(recipe: str | None, resume_dir: str | None, overwrite: bool, **values: 
 @main.command("eval")
 @click.option("--adapter", "adapter_dir", required=True, type=click.Path(), help="PEFT adapter folder")
 @click.option("--task", help="built-in task")
-@click.option("--split", type=click.Choice(["dev", "test"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(["dev", "test"]), default="test", show_default=True,
+              help="the built-in task's split to evaluate on")
 @click.option("--data", type=click.Path(), help="JSONL/CSV data instead of --task")
 @click.option("--model", help="base model folder (default: the adapter's base model)")
 @settings_options(TuneConfig, only=("dtype", "max_length", "trust_remote_code"))

@@ -29,6 +29,7 @@ from .data import (CLASSIFICATION, Dataset, Request, accuracy, exact_match, exam
                    squad_f1, tokenize)
 from .estimator import Estimator, learning_rate, make_estimator, projected_gradient
 from .model import ModelError, resolve_model
+from .recipe import read_saved_config
 
 
 MAX_NONFINITE_IN_A_ROW = 5
@@ -370,6 +371,16 @@ def _check_out(run: Path, resume: bool, overwrite: bool) -> None:
             raise ConfigError(f"--out {run}: {folder} is not writable")
 
 
+def _refuse_unless_a_run(folder: Path) -> None:
+    """--overwrite deletes a folder: only one a run wrote (its config.json reads back as a
+    TuneConfig), never a mistyped --out such as a model folder or a home directory."""
+    if any(folder.iterdir()):
+        try:
+            read_saved_config(str(folder))
+        except ConfigError as e:
+            raise ConfigError(f"--overwrite replaces only a run folder: {e}; nothing was deleted") from None
+
+
 def _load_checkpoint_checked(run: Path, spec: LoraSpec, model_dir: str, steps: int
                              ) -> tuple[LoraAdapter, int] | None:
     """A resumed run's checkpoint, if any, refused unless it is this config's model and shape;
@@ -453,6 +464,7 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
     spec = LoraSpec(r=cfg.rank, alpha=cfg.alpha, targets=resolve_targets(cfg.targets, shapes))
     checkpoint = _load_checkpoint_checked(run, spec, model_dir, cfg.steps) if resume else None
     if overwrite and not resume and run.exists():
+        _refuse_unless_a_run(run)
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
