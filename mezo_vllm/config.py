@@ -8,6 +8,7 @@ choice (say a dtype) is one entry in its tuple here.
 from __future__ import annotations
 
 import importlib.util
+import operator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,7 +18,8 @@ from .estimator import ESTIMATORS, SCHEDULES
 from .settings import (ConfigError, OnResume, above, at_least, check_settings, finite, flag_of, in_half_open,
                        kind, not_empty, one_of, setting, setting_of, typed_values)
 
-# The engine's dtypes (`bench` measures each). The master adapter is always fp32.
+# The engine's dtypes (`bench` measures each). The master adapter is always fp32. A choice that
+# resolves to one of these (say "auto") goes into the `dtype` setting's choices below, not here.
 DTYPES = ("float32", "bfloat16")
 OVERFLOW = ("truncate", "reject")
 # loss: the batch loss from log-probs; f1: −F1 of greedy answers (generation tasks, MeZO's
@@ -162,7 +164,7 @@ class TuneConfig(ModelSettings):
             if name == "out":
                 if Path(value).resolve() != Path(run_dir).resolve():
                     raise ConfigError(f"--out {value}: --resume {run_dir} is the run folder; give one of them")
-            elif rule[name] is OnResume.KEEP and not (setting_of(f).same or (lambda a, b: a == b))(value, old):
+            elif rule[name] is OnResume.KEEP and not (setting_of(f).same or operator.eq)(value, old):
                 shown = flag_of(f) if kind(f) == "bool" else f"{flag_of(f)} {value}"
                 raise ConfigError(f"{shown}: the run in {run_dir} was started with {name}={old!r}; "
                                   f"a resumed run keeps its settings (only {_listed(may_change)} may change)")
