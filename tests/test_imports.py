@@ -8,8 +8,6 @@ import importlib.util
 import pkgutil
 from pathlib import Path
 
-import mezo_vllm
-
 
 def _targets(name: str, path: Path) -> set[str]:
     """Every dotted name `name` imports (`from .x import y` gives x and x.y: y may be a module)."""
