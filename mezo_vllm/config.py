@@ -1,14 +1,25 @@
-"""One dataclass per command, validated before anything expensive (the engine) starts."""
+"""One dataclass per command, validated before anything expensive (the engine) starts.
+
+Each field is declared once with its help, flag, aliases, choices, checks and resume rule
+(`settings.setting`); the click options, recipe files and checks are derived from that. A new
+choice (say a dtype) is one entry in its tuple here.
+"""
 
 from __future__ import annotations
 
 import importlib.util
-import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+import operator
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
 
 from .estimator import ESTIMATORS, SCHEDULES
+# ConfigError is defined with the settings machinery; the package imports it from here.
+from .settings import (ConfigError, OnResume, above, at_least, check_settings, finite, flag_of, in_half_open,
+                       kind, not_empty, one_of, setting, setting_of, typed_values)
 
+# The engine's dtypes (`bench` measures each). The master adapter is always fp32. A choice that
+# resolves to one of these (say "auto") goes into the `dtype` setting's choices below, not here.
 DTYPES = ("float32", "bfloat16")
 OVERFLOW = ("truncate", "reject")
 # loss: the batch loss from log-probs; f1: −F1 of greedy answers (generation tasks, MeZO's
@@ -19,152 +30,148 @@ ENGINES = ("vllm", "reference")
 # The engine starts vLLM with max_lora_rank = --rank, and vLLM 0.32 accepts only these
 # (`MaxLoRARanks` in vllm/config/lora.py); anything else fails deep inside engine start-up.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+_TRUST = "let the model folder run its own Python code (HF auto_map); off by default"
 
 
-class ConfigError(Exception):
-    """A setting that cannot work; the message names the setting."""
+def _same_model(a: str | None, b: str | None) -> bool:
+    """One base model: None is the embedded default, and a folder may be spelled two ways."""
+    from .model import DEFAULT_MODEL
+
+    a, b = a or DEFAULT_MODEL, b or DEFAULT_MODEL
+    return a == b or Path(a).resolve() == Path(b).resolve()
 
 
-@dataclass(frozen=True)
-class TuneConfig:
+def _not_blank(v: str) -> str | None:
+    return None if v.strip() else "is empty (leave it out for a local Ray cluster)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    """The base model and the LoRA adapter on it: the settings `tune` and `validate` share."""
+
+    model: str | None = setting(None, "HF model folder (safetensors); default: the embedded SmolLM2-135M-Instruct",
+                                same=_same_model)
+    targets: tuple[str, ...] = setting(("q_proj", "v_proj"), "LoRA target modules, comma-separated, or all-linear",
+                                       aliases=("--lora_target_modules",), checks=(not_empty,))
+    rank: int = setting(8, "LoRA rank r", aliases=("--lora_r",),
+                        checks=(above(0), one_of(LORA_RANKS, "the LoRA ranks vLLM supports")))
+    alpha: float = setting(16.0, "LoRA α (the adapter's output is scaled by α/r)", aliases=("--lora_alpha",),
+                           checks=(above(0), finite))
+    max_length: int = setting(1024, "most tokens of an example (prompt and target)", checks=(above(0),))
+    # Let the engine run Python code that a model folder ships (HF `auto_map`). Only the user
+    # grants it: a resumed run takes it from the command line, never from config.json.
+    trust_remote_code: bool = setting(False, _TRUST, on_resume=OnResume.ASK_AGAIN)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneConfig(ModelSettings):
     """`mezo-vllm tune`. Defaults are the MeZO paper's LoRA settings except where measured
     otherwise on the default model and task (README, "Choosing the defaults")."""
 
-    out: str
-    model: str | None = None
-    task: str | None = None
-    data: str | None = None
-    eval_data: str | None = None
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    rank: int = 8
-    alpha: float = 16.0
-    lr: float = 2e-3
-    lr_schedule: str = "linear"
-    eps: float = 1e-2
-    batch_size: int = 16
-    steps: int = 300
-    directions: int = 1
-    seed: int = 0
-    weight_decay: float = 0.0
+    out: str = setting(help="run folder", path=True, aliases=("--output_dir",))
+    task: str | None = setting(None, "built-in task (see `mezo-vllm tasks`)")
+    data: str | None = setting(None, "training data: JSONL or CSV", path=True)
+    eval_data: str | None = setting(None, "dev data for --data", path=True)
+    lr: float = setting(2e-3, "learning rate (its peak under --lr-schedule)", aliases=("--learning_rate",),
+                        checks=(above(0), finite))
+    lr_schedule: str = setting("linear", "linear: decay to 0 at the last step", choices=SCHEDULES)
+    eps: float = setting(1e-2, "ε: the variants are θ ± εz", checks=(above(0), finite))
+    batch_size: int = setting(16, "examples per step", aliases=("--per_device_train_batch_size",),
+                              checks=(above(0),))
+    steps: int = setting(300, "MeZO steps; a resumed run may raise it", aliases=("--max_steps",),
+                         checks=(above(0),), on_resume=OnResume.MAY_CHANGE)
+    directions: int = setting(1, "n-SPSA: average this many ±εz estimates per step (one engine call)",
+                              checks=(above(0),))
+    seed: int = setting(0, "seed of the adapter's initialisation, the batches and the directions z")
+    weight_decay: float = setting(0.0, "decoupled weight decay of the adapter", checks=(at_least(0), finite))
     # The update rule (estimator.py): zo-sgd, momentum (EMA of the last momentum_window
     # estimates, rebuilt from their seeds), lozo (low-rank directions, V redrawn every lozo_period steps)
-    estimator: str = "zo-sgd"
-    momentum: float = 0.9
-    momentum_window: int = 16
-    lozo_rank: int = 2
-    lozo_period: int = 50
-    objective: str = "loss"
-    dtype: str = "float32"
-    eval_every: int = 100
-    save_every: int = 100
-    max_length: int = 1024
-    overflow: str = "truncate"
-    eval_examples: int = 0  # 0 = the whole dev split
-    fast: bool = True
-    engine: str = "vllm"
+    estimator: str = setting("zo-sgd", "update rule: ZO-SGD, ZO-SGD with momentum, LOZO (low-rank directions)",
+                             choices=ESTIMATORS)
+    momentum: float = setting(0.9, "--estimator momentum: β of the moving average", checks=(in_half_open(0, 1),))
+    momentum_window: int = setting(16, "--estimator momentum: steps kept (their z is regenerated every step)",
+                                   checks=(at_least(1),))
+    lozo_rank: int = setting(2, "--estimator lozo: rank of each matrix's direction U·Vᵀ", checks=(at_least(1),))
+    lozo_period: int = setting(50, "--estimator lozo: steps between redraws of V", checks=(at_least(1),))
+    objective: str = setting("loss", "loss: log-prob loss; f1: −F1 of greedy answers (generation tasks)",
+                             choices=OBJECTIVES)
+    dtype: str = setting("float32", "the engine's dtype; the master adapter is always fp32", choices=DTYPES)
+    eval_every: int = setting(100, "steps between dev evaluations (0 = only before and after)", checks=(at_least(0),))
+    save_every: int = setting(100, "steps between checkpoints (0 = only at the end)", checks=(at_least(0),))
+    overflow: str = setting("truncate", "examples longer than --max-length: cut the context from the left, "
+                            "or drop them", choices=OVERFLOW)
+    eval_examples: int = setting(0, "dev examples per evaluation (0 = all)", checks=(at_least(0),))
+    fast: bool = setting(True, "run without the speed-up patches (for comparison)", flag="--stock-vllm")
+    engine: str = setting("vllm", "reference: transformers + PEFT with the same seeds and scoring "
+                          "(the oracle; slow)", choices=ENGINES)
     # Scale-out (README, "Scaling out"): data-parallel replicas on Ray (a local cluster unless
-    # ray_address names one), and vLLM's tensor/pipeline parallelism inside each engine.
-    replicas: int = 1
-    ray_address: str | None = None
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    # Let the engine run Python code that a model folder ships (HF `auto_map`). Only the user
-    # grants it: a resumed run takes it from the command line, never from config.json.
-    trust_remote_code: bool = False
+    # ray_address names one), and vLLM's tensor/pipeline parallelism inside each engine. Where
+    # a run computes changes no number of its trajectory, so a resumed run may change them.
+    replicas: int = setting(1, "data-parallel vLLM engines on Ray, each scoring a share of the batch",
+                            checks=(at_least(1),), on_resume=OnResume.MAY_CHANGE)
+    ray_address: str | None = setting(None, "an existing Ray cluster for the replicas (default: start a local one)",
+                                      checks=(_not_blank,), on_resume=OnResume.MAY_CHANGE)
+    tensor_parallel_size: int = setting(1, "vLLM tensor parallelism inside each engine", checks=(at_least(1),),
+                                        on_resume=OnResume.MAY_CHANGE)
+    pipeline_parallel_size: int = setting(1, "vLLM pipeline parallelism inside each engine", checks=(at_least(1),),
+                                          on_resume=OnResume.MAY_CHANGE)
 
     def validate(self) -> None:
-        _check_types(self)
-        positive = {"lr": self.lr, "eps": self.eps, "batch_size": self.batch_size,
-                    "steps": self.steps, "rank": self.rank, "alpha": self.alpha,
-                    "directions": self.directions, "max_length": self.max_length}
-        for name, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-        for name in ("lr", "eps", "alpha", "weight_decay"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"--{name.replace('_', '-')} must be finite, got {getattr(self, name)}")
-        if self.rank not in LORA_RANKS:
-            raise ConfigError(f"--rank must be one of {', '.join(map(str, LORA_RANKS))} "
-                              f"(the LoRA ranks vLLM supports), got {self.rank}")
-        for name in ("eval_every", "save_every", "eval_examples", "weight_decay"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 0, got {getattr(self, name)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.lr_schedule not in SCHEDULES:
-            raise ConfigError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ConfigError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"--momentum must be in [0, 1), got {self.momentum}")
-        for name in ("momentum_window", "lozo_rank", "lozo_period"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        """Each setting's own checks, then the ones between settings."""
+        check_settings(self)
         if self.objective == "f1" and (self.engine != "vllm" or self.replicas > 1):
             raise ConfigError("--objective f1 generates with one vLLM engine: not with --engine reference or --replicas")
-        if self.engine not in ENGINES:
-            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine == "reference" and not self.fast:
             raise ConfigError("--stock-vllm goes with --engine vllm")
-        for name in ("replicas", "tensor_parallel_size", "pipeline_parallel_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
         if self.engine == "reference" and (self.replicas > 1 or self.ray_address is not None
                                            or self.tensor_parallel_size * self.pipeline_parallel_size > 1):
             raise ConfigError("--replicas, --ray-address and --tensor/--pipeline-parallel-size go with --engine vllm")
-        if self.ray_address is not None and not self.ray_address.strip():
-            raise ConfigError("--ray-address is empty (leave it out for a local Ray cluster)")
         if (self.replicas > 1 or self.ray_address is not None) and importlib.util.find_spec("ray") is None:
             raise ConfigError("--replicas/--ray-address need Ray: pip install 'mezo-vllm[ray]'")
-        if self.overflow not in OVERFLOW:
-            raise ConfigError(f"--overflow must be one of {', '.join(OVERFLOW)}, got {self.overflow!r}")
         if (self.task is None) == (self.data is None):
             raise ConfigError("give exactly one of --task NAME or --data FILE")
         if self.task is not None and self.eval_data is not None:
             raise ConfigError("--eval-data goes with --data (a built-in task has its own dev split)")
-        if not self.targets:
-            raise ConfigError("--targets is empty")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TuneConfig":
-        """A saved config (a run's config.json); ConfigError, naming the field, if it is not one."""
+    def from_json(cls, data: Any) -> "TuneConfig":
+        """A saved config (a run's config.json); ConfigError, naming the field, if it is not one.
+        Keys that are no setting (another version's) are skipped."""
         if not isinstance(data, dict):
             raise ConfigError(f"must be a JSON object, got {type(data).__name__}")
         if not isinstance(data.get("out"), str):
             raise ConfigError("field 'out': missing or not a string")
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        targets = values.get("targets", ())
-        if not isinstance(targets, (list, tuple)):
-            raise ConfigError(f"field 'targets': must be a list of strings, got {targets!r}")
-        values["targets"] = tuple(targets)
-        cfg = cls(**values)
-        _check_types(cfg, prefix="field ")
-        return cfg
+        return cls(**typed_values(cls, data, unknown_keys=False))
+
+    def resumed(self, run_dir: str, given: Mapping[str, Any]) -> "TuneConfig":
+        """This saved run continued in `run_dir` (it may have moved) with the settings the user
+        gave again (`given`: command line and recipe).
+
+        A setting that is the run's for good must equal the saved one: silently training on with
+        another model, rank or learning rate than the checkpoint's would be worse than an error.
+        A setting that may change replaces the saved one when given; trust_remote_code is never
+        read back (only the user grants it).
+        """
+        by_name = {f.name: f for f in fields(self)}
+        rule = {name: setting_of(f).on_resume for name, f in by_name.items()}
+        may_change = [flag_of(f) for r in (OnResume.MAY_CHANGE, OnResume.ASK_AGAIN)
+                      for f in by_name.values() if rule[f.name] is r]
+        for name, value in given.items():
+            f, old = by_name[name], getattr(self, name)
+            if name == "out":
+                if Path(value).resolve() != Path(run_dir).resolve():
+                    raise ConfigError(f"--out {value}: --resume {run_dir} is the run folder; give one of them")
+            elif rule[name] is OnResume.KEEP and not (setting_of(f).same or operator.eq)(value, old):
+                shown = flag_of(f) if kind(f) == "bool" else f"{flag_of(f)} {value}"
+                raise ConfigError(f"{shown}: the run in {run_dir} was started with {name}={old!r}; "
+                                  f"a resumed run keeps its settings (only {_listed(may_change)} may change)")
+        changed = {name: value for name, value in given.items() if rule[name] is OnResume.MAY_CHANGE}
+        asked = {f.name: given.get(f.name, f.default) for f in by_name.values() if rule[f.name] is OnResume.ASK_AGAIN}
+        return replace(self, out=run_dir, **changed, **asked)
 
 
-_NONE = type(None)
-# Field annotation (a string: `from __future__ import annotations`) → the accepted Python types.
-_TYPES: dict[str, tuple[type, ...]] = {
-    "str": (str,), "str | None": (str, _NONE), "int": (int,), "float": (int, float), "bool": (bool,),
-    "tuple[str, ...]": (tuple,),
-}
-
-
-def _check_types(cfg: Any, prefix: str = "--") -> None:
-    """A config built from JSON or by a caller can hold a wrong type; say which, not TypeError."""
-    for f in fields(cfg):
-        value, accepted = getattr(cfg, f.name), _TYPES.get(str(f.type))
-        if accepted is None:
-            continue
-        wrong = not isinstance(value, accepted) or (bool not in accepted and isinstance(value, bool))
-        if f.type == "tuple[str, ...]" and not wrong:
-            wrong = not all(isinstance(v, str) for v in value)
-        if wrong:
-            name = f"--{f.name.replace('_', '-')}" if prefix == "--" else f"{prefix}{f.name!r}"
-            raise ConfigError(f"{name} must be {f.type}, got {type(value).__name__} {value!r:.60}")
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]

@@ -31,6 +31,7 @@ from .data import CLASSIFICATION, Dataset, Request, Split, load_file, load_task
 from .estimator import Estimator, learning_rate, make_estimator, projected_gradient
 from .evaluation import evaluate, generation_scores
 from .model import ModelError, resolve_model
+from .recipe import read_saved_config
 
 MAX_NONFINITE_IN_A_ROW = 5
 
@@ -216,6 +217,16 @@ def _check_out(run: Path, resume: bool, overwrite: bool) -> None:
             raise ConfigError(f"--out {run}: {folder} is not writable")
 
 
+def _refuse_unless_a_run(folder: Path) -> None:
+    """--overwrite deletes a folder: only one a run wrote (its config.json reads back as a
+    TuneConfig), never a mistyped --out such as a model folder or a home directory."""
+    if any(folder.iterdir()):
+        try:
+            read_saved_config(str(folder))
+        except ConfigError as e:
+            raise ConfigError(f"--overwrite replaces only a run folder: {e}; nothing was deleted") from None
+
+
 def _checked_checkpoint(run: Path, spec: LoraSpec, model_dir: str, steps: int
                         ) -> tuple[LoraAdapter, int] | None:
     """A resumed run's checkpoint, if any, refused unless it is this config's model and shape;
@@ -259,6 +270,8 @@ def prepare(cfg: TuneConfig, resume: bool = False, overwrite: bool = False) -> P
         raise ModelError(f"{model_dir}: no decoder-layer linear weights (*.layers.*.weight) in its *.safetensors")
     spec = LoraSpec(r=cfg.rank, alpha=cfg.alpha, targets=resolve_targets(cfg.targets, shapes))
     checkpoint = _checked_checkpoint(run, spec, model_dir, cfg.steps) if resume else None
+    if overwrite and not resume and run.exists():
+        _refuse_unless_a_run(run)
     return Prepared(cfg, run, model_dir, shapes, spec, train, dev, checkpoint)
 
 

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from .adapter import LoraAdapter, LoraSpec, model_linear_shapes, noise, resolve_targets
-from .config import ConfigError
+from .config import ConfigError, ModelSettings
 from .data import COMPLETION, Dataset, Example, Request, load_file, load_task, tokenize
 from .objective import batch_loss, example_losses
 from .estimator import projected_gradient
+from .settings import at_least, between, check_settings, setting
 from .trainer import batch_examples
 
 LOSS_TOL = 1e-4  # |Δ| of per-token log-probs and per-example losses, vLLM vs reference (fp32)
@@ -39,30 +40,23 @@ COSINE_NS = (1, 10, 50, 100, 500)
 DEMOS = 4  # demonstrations in the shared few-shot prefix of check 6
 
 
-@dataclass(frozen=True)
-class ValidateConfig:
-    out: str
-    model: str | None = None
-    task: str | None = None
-    data: str | None = None
-    adapter: str | None = None  # a PEFT folder to validate at; default: a seeded random adapter
-    targets: tuple[str, ...] = ("q_proj", "v_proj")
-    rank: int = 8
-    alpha: float = 16.0
-    batch_size: int = 16  # examples in the batch whose gradient is checked
-    seeds: int = 5  # directions z for the gradient and ε checks
-    vllm_directions: int = 100  # cosine vs n: vLLM g's up to this n, autograd ∇L·z beyond
-    max_length: int = 1024
-    trust_remote_code: bool = False
+@dataclass(frozen=True, kw_only=True)
+class ValidateConfig(ModelSettings):
+    """`mezo-vllm validate`: the model and adapter settings are `tune`'s (`ModelSettings`)."""
+
+    out: str = setting("runs/validate", "folder for the report", path=True)
+    task: str | None = setting(None, "built-in task (see `mezo-vllm tasks`)")
+    data: str | None = setting(None, "JSONL or CSV data instead of --task", path=True)
+    adapter: str | None = setting(None, "PEFT adapter to validate at (default: a seeded random one)", path=True)
+    batch_size: int = setting(16, "examples in the checked batch", checks=(at_least(1),))
+    seeds: int = setting(5, "directions z checked", checks=(at_least(1),))
+    vllm_directions: int = setting(100, "cosine vs n: real vLLM g's up to this n, the exact ∇L·z beyond",
+                                   checks=(between(0, max(COSINE_NS)),))
 
     def validate(self) -> None:
+        check_settings(self)
         if (self.task is None) == (self.data is None):
             raise ConfigError("give exactly one of --task NAME or --data FILE")
-        for name in ("batch_size", "seeds", "rank", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(self, name)}")
-        if not 0 <= self.vllm_directions <= max(COSINE_NS):
-            raise ConfigError(f"--vllm-directions must be in 0..{max(COSINE_NS)}, got {self.vllm_directions}")
 
 
 def random_adapter(spec: LoraSpec, shapes: dict[str, tuple[int, int]], seed: int = 0) -> LoraAdapter:

@@ -246,6 +246,31 @@ def test_overwrite_keeps_the_old_run_when_preflight_fails(tmp_path, model, data,
     assert (run / "trajectory.jsonl").read_text() == "precious\n"
 
 
+@pytest.mark.parametrize("content, fragment", [
+    ({"notes.txt": "precious"}, "not a run folder (no config.json)"),
+    ({"config.json": '{"model_type": "llama"}', "model.safetensors": "weights"},  # an HF model folder
+     "config.json: field 'out': missing or not a string"),
+])
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, model, data, engines, content, fragment):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name, text in content.items():
+        (folder / name).write_text(text)
+    _refused(_tune("--out", folder, "--data", data, "--model", model, "--overwrite"),
+             f"--overwrite replaces only a run folder: {folder}", fragment, "nothing was deleted", started=engines)
+    assert {p.name: p.read_text() for p in folder.iterdir()} == content
+
+
+def test_overwrite_replaces_a_run(tmp_path, model, data, engines):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(TuneConfig(out=str(run), data=str(data)).to_json()))
+    (run / "trajectory.jsonl").write_text("old\n")
+    result = _tune("--out", run, "--data", data, "--model", model, "--overwrite")
+    assert isinstance(result.exception, EngineStarted), result.output
+    assert not (run / "trajectory.jsonl").exists()
+
+
 # --------------------------------------------------------------------------- resume
 
 @pytest.fixture

