@@ -22,17 +22,11 @@ import string
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from .data import Example, Request
-
-CLASSIFICATION = "classification"
-COMPLETION = "completion"
-KINDS = (CLASSIFICATION, COMPLETION)
+from .data.types import CLASSIFICATION, KINDS, Example, Request
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from tqdm import tqdm
 
 from .adapter import AdapterError, LoraAdapter
-from .config import ConfigError
+from .settings import ConfigError
 
 CHECKPOINT = "checkpoint"
 _PREVIOUS = ".checkpoint-old"  # the previous checkpoint, for the moment the new one is renamed in

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..objective import CLASSIFICATION, COMPLETION, KINDS
+CLASSIFICATION = "classification"
+COMPLETION = "completion"
+KINDS = (CLASSIFICATION, COMPLETION)
 
 __all__ = ["CLASSIFICATION", "COMPLETION", "KINDS", "DataError", "Example", "Dataset", "TaskSplits",
            "Request", "error"]
