@@ -11,10 +11,10 @@ itself travels only at start, on resume (`load_master`) and at checkpoints (`mas
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
-import sys
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -45,10 +45,30 @@ def shard_requests(requests: Sequence[Request], n: int) -> list[list[int]]:
 
 
 # Ray's switch between a local-only Ray and one that other machines may join (off by default on
-# macOS and Windows; `ray._private.ray_constants.ENABLE_RAY_CLUSTER`). Off, the node's address is
-# 127.0.0.1, and Ray's GCS, raylet, agents and workers then listen on loopback only. Ray reads it
-# once, when it is imported.
+# macOS and Windows). Off, the node's address is 127.0.0.1, and Ray's GCS, raylet, agents and
+# workers then listen on loopback only. Ray's processes read it from the environment when they
+# import Ray; this process may have imported Ray already (vLLM does), so its copy of the switch,
+# `ray._private.ray_constants.ENABLE_RAY_CLUSTER`, read by Ray each time it picks the node's
+# address, is turned off too while the cluster starts, and restored afterwards so that a later
+# `ray.init(address=...)` in the same process still finds the machine's address.
 RAY_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _ray_local_only() -> Iterator[None]:
+    from ray._private import ray_constants
+
+    before_env, before_flag = os.environ.get(RAY_LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[RAY_LOCAL_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before_flag
+        if before_env is None:
+            os.environ.pop(RAY_LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[RAY_LOCAL_ONLY_ENV] = before_env
 
 
 def connect_ray(address: str | None, num_cpus: int) -> tuple[Any, bool]:
@@ -57,8 +77,6 @@ def connect_ray(address: str | None, num_cpus: int) -> tuple[Any, bool]:
     the cluster at `address`; otherwise a local cluster is started for the run that listens on
     loopback only: a run that only talks to itself has no reason to be reachable from the
     network. Ray's token authentication is left as Ray sets it (on)."""
-    if address is None and "ray" not in sys.modules:
-        os.environ[RAY_LOCAL_ONLY_ENV] = "0"
     import ray
 
     if ray.is_initialized():
@@ -66,13 +84,13 @@ def connect_ray(address: str | None, num_cpus: int) -> tuple[Any, bool]:
     if address:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING")
         return ray, True
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
-             object_store_memory=256 << 20)
+    with _ray_local_only():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+                 object_store_memory=256 << 20)
     nodes = sorted({node["NodeManagerAddress"] for node in ray.nodes()})
-    if nodes != ["127.0.0.1"]:  # Ray was imported before the switch could be set
+    if nodes != ["127.0.0.1"]:
         ray.shutdown()
-        raise RuntimeError(f"the local Ray cluster came up on {', '.join(nodes)}, not on 127.0.0.1 only: "
-                           f"Ray was imported before mezo_vllm.replicas could set {RAY_LOCAL_ONLY_ENV}=0")
+        raise RuntimeError(f"the local Ray cluster came up on {', '.join(nodes)}, not on 127.0.0.1 only")
     return ray, True
 
 
