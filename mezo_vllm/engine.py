@@ -142,6 +142,9 @@ class VllmEngine:
                     max_loras=config.n_variants + 1,  # + one slot for adapters read from disk
                     max_cpu_loras=config.n_variants + 1,
                     max_lora_rank=adapter.spec.r,
+                    # only the adapter's modules get LoRA layers: vLLM otherwise wraps every
+                    # linear layer, the embeddings and the lm_head, and runs LoRA ops on zeros
+                    lora_target_modules=list(adapter.spec.targets),
                     seed=config.seed,
                     trust_remote_code=config.trust_remote_code,
                     kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)),
