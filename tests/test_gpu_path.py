@@ -48,6 +48,7 @@ KINDS = {
     "classic span": classic((5, 6, 7, 8, 9, 10, 11, 12, 13, 14), 7),
     "merged single-token options": Req((5, 6, 7, 8, 9, YES), 5, ((YES, NO, MAYBE),)),
     "ragged alternatives": Req((5, 6, 7, 20, 21), 3, ((20, 40), (21,))),
+    "span from the second token": classic((5, 6, 7), 1),  # scores from prompt row 0
 }
 
 
@@ -446,7 +447,7 @@ def _run(worker, requests: dict[str, Req], steps: list[list[tuple[str, int, int]
 
 
 def test_v2_worker_scores_every_request_kind_in_one_step(worker):
-    requests = dict(zip(("a", "b", "c"), KINDS.values()))
+    requests = {f"r{i}": r for i, r in enumerate(KINDS.values())}
     hidden = {rid: _hidden(r, seed) for seed, (rid, r) in enumerate(requests.items())}
     head = _lm_head()
     out = _run(worker, requests, [[(rid, 0, len(r.token_ids)) for rid, r in requests.items()]], hidden, head)
