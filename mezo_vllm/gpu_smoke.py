@@ -223,28 +223,29 @@ def _checkpoint_step(run: Path) -> int:
 
 
 def tune_stage(out: Path, echo: Callable[[str], None] = print, timeout: float = 300.0,
-               tune_args: Sequence[str] = TUNE_ARGS) -> list[Check]:
-    """`mezo-vllm tune` through the CLI: interrupted a few steps in, then resumed."""
+               tune_args: Sequence[str] = TUNE_ARGS, steps: int = TUNE_STEPS,
+               interrupt_after: int = INTERRUPT_AFTER) -> list[Check]:
+    """`mezo-vllm tune` through the CLI: interrupted `interrupt_after` steps in, then resumed."""
     run = out / "tune"
     cli = [str(Path(sys.executable).with_name("mezo-vllm")), "tune"]
-    first = subprocess.Popen([*cli, *tune_args, "--out", str(run), "--overwrite", "--steps", str(TUNE_STEPS),
+    first = subprocess.Popen([*cli, *tune_args, "--out", str(run), "--overwrite", "--steps", str(steps),
                               "--save-every", str(SAVE_EVERY)])
     log = run / "trajectory.jsonl"
-    reached = _wait(lambda: len(trajectory_steps(log)) >= INTERRUPT_AFTER, first, timeout)
+    reached = _wait(lambda: len(trajectory_steps(log)) >= interrupt_after, first, timeout)
     if reached and first.poll() is None:
         first.send_signal(signal.SIGINT)  # finish this step, checkpoint, stop (exit status 1)
     status = first.wait(timeout=timeout)
     stopped_at = len(trajectory_steps(log))
     checkpoint = _checkpoint_step(run)
     if not reached or status != 1:
-        why = (f"never logged {INTERRUPT_AFTER} steps" if not reached
+        why = (f"never logged {interrupt_after} steps" if not reached
                else "finished before the interrupt" if status == 0 else "was not stopped cleanly by SIGINT")
         check = Check("tune: interrupt and resume", False,
                       f"the first run {why} (exit status {status}, {stopped_at} steps logged)")
         echo(check.line())
         return [check]
     resumed = subprocess.run([*cli, "--resume", str(run)], timeout=timeout)
-    check = resume_check(trajectory_steps(log), TUNE_STEPS, stopped_at, checkpoint)
+    check = resume_check(trajectory_steps(log), steps, stopped_at, checkpoint)
     if resumed.returncode != 0 or not (run / "adapter" / "adapter_model.safetensors").exists():
         check = Check(check.name, False, f"the resumed run exited with {resumed.returncode}; "
                                          f"adapter written: {(run / 'adapter').exists()}; {check.detail}")
