@@ -79,3 +79,15 @@ def test_tune_stage_interrupts_and_resumes_the_real_cli(tmp_path):
     (check,) = gpu_smoke.tune_stage(tmp_path, echo=lambda _: None, tune_args=args, steps=4, interrupt_after=1)
     assert check.ok, check.detail
     assert gpu_smoke.trajectory_steps(tmp_path / "tune" / "trajectory.jsonl") == [0, 1, 2, 3]
+
+
+def test_engine_stage_runs_on_cpu_with_an_fp32_engine(tmp_path):
+    """The smoke run's engine stage, whole, with an fp32 engine on this CPU: every comparison
+    passes exactly, and the CUDA-graph check fails as it must where there is no GPU."""
+    checks = gpu_smoke.engine_stage(tmp_path, echo=lambda _: None, dtype="float32")
+    names = [c.name for c in checks]
+    assert names == ["engine: bf16 with CUDA graphs", "span log-probs vs transformers fp32", "adapter effect",
+                     "in-place slot vs the same weights from disk", names[4]]
+    assert names[4].startswith("shared vs unshared prefixes (")
+    assert not checks[0].ok and "cudagraph_mode NONE, runner V1 (predicted v1)" in checks[0].detail
+    assert all(c.ok for c in checks[1:]), [c.line() for c in checks[1:]]
