@@ -193,7 +193,8 @@ def engine_stage(out: Path, echo: Callable[[str], None] = print, dtype: str = "b
     checks.append(agreement("span log-probs vs transformers fp32", got, want, BF16_ATOL, BF16_RTOL, BF16_MEAN))
     echo(checks[-1].line())
     base = engine.token_logprobs(requests, [None])[0]
-    effect = float(np.mean(np.abs(np.concatenate(got) - np.concatenate(base))))
+    flat = [np.concatenate([np.ravel(x) for x in arrays]) for arrays in (got, base)]
+    effect = float(np.mean(np.abs(flat[0] - flat[1])))
     checks.append(Check("adapter effect", effect >= MIN_EFFECT,
                         f"mean |adapter - base| {effect:.3f} nats per token (≥ {MIN_EFFECT} for the "
                         "comparison above to see a missing or wrong adapter)"))

@@ -12,8 +12,9 @@ fails there. (Paths relative to the `vllm` package.)
   (v1/worker/gpu/model_runner.py:193) is not its subclass and scores prompts in
   `PromptLogprobsWorker` (:2150-2166).
 - CPU only: the platform picks the LoRA kernels' wrapper, `PunicaWrapperCPU` on CPU
-  (platforms/cpu.py:606-607), `PunicaWrapperGPU` on CUDA (platforms/cuda.py:575-576), for
-  either runner.
+  (platforms/cpu.py:606-607), `PunicaWrapperGPU` on CUDA and ROCm (platforms/cuda.py:575-576,
+  rocm.py:1162-1163), for either runner; the LoRA layers call it (lora/layers/). And
+  `CpuPlatform.check_and_update_config` is the CPU platform's, called from `VllmConfig`.
 - Everywhere: `KVCacheManager.get_computed_blocks` is the scheduler's (v1/core/sched/
   scheduler.py:566,1037), which is the same for both runners.
 """
@@ -27,6 +28,7 @@ RUNNERS = ("v1", "v2")
 
 V1_PROMPT_LOGPROBS = "vllm.v1.worker.gpu_model_runner:GPUModelRunner._get_prompt_logprobs_dict"
 CPU_PUNICA = "vllm.lora.punica_wrapper.punica_cpu:PunicaWrapperCPU"
+CPU_PLATFORM = "vllm.platforms.cpu:CpuPlatform"
 GET_COMPUTED_BLOCKS = "vllm.v1.core.kv_cache_manager:KVCacheManager.get_computed_blocks"
 
 
@@ -44,8 +46,13 @@ SCOPES: dict[str, Scope] = {
         (f"{CPU_PUNICA}.add_lora_logits", V1_PROMPT_LOGPROBS), ("cpu",), ("v1",)
     ),
     "fast_cpu_lora": Scope(
-        tuple(f"{CPU_PUNICA}._{op}_{mode}" for op in ("shrink", "expand", "expand_slice")
-              for mode in ("prefill", "decode")),
+        (*(f"{CPU_PUNICA}._{op}_{mode}" for op in ("shrink", "expand", "expand_slice")
+           for mode in ("prefill", "decode")), f"{CPU_PUNICA}.add_lora_linear"),
+        ("cpu",), RUNNERS,
+    ),
+    "compiled_lora": Scope(
+        (f"{CPU_PUNICA}.add_lora_linear", f"{CPU_PUNICA}.add_lora_embedding",
+         f"{CPU_PLATFORM}.check_and_update_config"),
         ("cpu",), RUNNERS,
     ),
     "span_logprobs": Scope((V1_PROMPT_LOGPROBS,), PLATFORMS, ("v1",)),

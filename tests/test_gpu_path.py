@@ -198,15 +198,25 @@ def _resolve(target: str) -> tuple[type, str]:
     return cls, attr
 
 
+def _lora_layer_modules() -> list[object]:
+    import pkgutil
+
+    import vllm.lora.layers as layers
+
+    return [importlib.import_module(f"{layers.__name__}.{m.name}") for m in pkgutil.iter_modules(layers.__path__)]
+
+
 def _target_runs(target: str, platform: str, runner: str) -> bool:
     """Whether code that runs on (platform, runner) calls `target`, read from vLLM's sources."""
     cls, attr = _resolve(target)
-    if cls.__module__.startswith("vllm.lora.punica_wrapper."):
+    if cls.__module__.startswith("vllm.lora.punica_wrapper."):  # the platform's LoRA wrapper
         if _punica_wrapper(platform) != f"{cls.__module__}.{cls.__name__}":
             return False
-        from vllm.lora.layers import logits_processor
+        return _references([cls, *_lora_layer_modules()], attr)
+    if cls.__module__.startswith("vllm.platforms."):  # a platform class: its own platform only
+        from vllm.config.vllm import VllmConfig
 
-        return _references([cls, logits_processor], attr)
+        return cls.__module__ == f"vllm.platforms.{platform}" and _references([VllmConfig], attr)
     if cls.__module__.startswith("vllm.v1.core."):  # the scheduler's side: runner-independent
         from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -214,6 +224,14 @@ def _target_runs(target: str, platform: str, runner: str) -> bool:
     runner_cls = _runner_class(platform, runner)
     owner = next((c for c in runner_cls.__mro__ if attr in vars(c)), None)
     return owner is cls and _references([c for c in runner_cls.__mro__ if c is not object], attr)
+
+
+def test_every_patch_module_has_a_scope():
+    """A new patch in mezo_vllm/patches must say where it runs."""
+    from mezo_vllm import patches
+
+    modules = {m.NAME for m in patches.required() + patches.speedups()}
+    assert modules == set(patch_scopes.SCOPES)
 
 
 def test_runner_classes_are_the_ones_the_workers_build():
