@@ -20,7 +20,9 @@ Why: V2 (the CUDA default, `platform_policy.runner_is_v2`) never calls the V1 me
   v1/engine/output_processor.py:405-418).
 
 So a request whose first target token is at `span_start` asks from s = span_start - 1, and has
-rows = len(token_ids) - span_start.
+rows = len(token_ids) - span_start. Its prompt is the whole `token_ids`: V2 never scores the
+last prompt row (prompt_logprob.py:101-103), so the V1 path's `token_ids[:-1]` would lose the
+last target token.
 
 Where rows go missing, and what this module does about it:
 - A prefix-cache hit that starts the prefill past s: the worker drops the request without a
