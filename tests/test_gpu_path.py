@@ -24,7 +24,9 @@ import numpy as np
 import pytest
 import torch
 
-from mezo_vllm import patch_scopes, platform_policy, v2_scoring
+from mezo_vllm import patches, platform_policy, v2_scoring
+
+SCOPES = {m.NAME: m.SCOPE for m in patches.required() + patches.speedups()}
 from mezo_vllm.config import ConfigError
 from mezo_vllm.v2_scoring import ScoringError
 
@@ -228,10 +230,11 @@ def _target_runs(target: str, platform: str, runner: str) -> bool:
 
 def test_every_patch_module_has_a_scope():
     """A new patch in mezo_vllm/patches must say where it runs."""
-    from mezo_vllm import patches
+    import pkgutil
 
-    modules = {m.NAME for m in patches.required() + patches.speedups()}
-    assert modules == set(patch_scopes.SCOPES)
+    modules = {name for _, name, _ in pkgutil.iter_modules(patches.__path__)} - {"plugin"}
+    assert modules == set(SCOPES)
+    assert all(isinstance(scope, patches.Scope) and scope.targets for scope in SCOPES.values())
 
 
 def test_runner_classes_are_the_ones_the_workers_build():
@@ -244,16 +247,15 @@ def test_runner_classes_are_the_ones_the_workers_build():
     assert "vllm.v1.worker.cpu.model_runner" in cpu and "CPUModelRunner(self.vllm_config" in cpu
 
 
-@pytest.mark.parametrize("patch", sorted(patch_scopes.SCOPES))
+@pytest.mark.parametrize("patch", sorted(SCOPES))
 def test_every_patch_applies_exactly_where_its_targets_run(patch):
-    scope = patch_scopes.SCOPES[patch]
-    for platform in patch_scopes.PLATFORMS:
-        for runner in patch_scopes.RUNNERS:
+    scope = SCOPES[patch]
+    for platform in patches.PLATFORMS:
+        for runner in patches.RUNNERS:
             runs = all(_target_runs(t, platform, runner) for t in scope.targets)
-            assert patch_scopes.applies(patch, platform, runner) == runs, (
+            assert scope.applies(platform, runner) == runs, (
                 f"{patch} on {platform}/{runner}: declared {'' if runs else 'not '}to apply "
-                f"but its targets {'do not ' if not runs else ''}run there"
-                if patch_scopes.applies(patch, platform, runner) != runs else "")
+                f"but its targets {'do not ' if not runs else ''}run there")
 
 
 def test_v2_scores_natively_and_never_calls_the_v1_hook():

@@ -21,6 +21,7 @@ def load() -> None:
         return
     if level not in LEVELS:
         raise ValueError(f"{ENV}={level!r}: expected one of {', '.join(LEVELS)}")
-    from . import apply_all, required, speedups
+    from ..engine import patches_for
+    from . import apply_all
 
-    apply_all(required() + (speedups() if level == "all" else []))
+    apply_all(patches_for(level == "all"))
