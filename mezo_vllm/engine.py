@@ -121,15 +121,6 @@ def _refusal(error: Exception) -> str:
     return line.removeprefix("Value error, ").split(" [type=")[0]
 
 
-def patches_for(fast: bool) -> list[Any]:
-    """The patches this engine needs where it runs: the platform and the model runner vLLM will
-    pick (patches are applied before the engine exists, so the runner is predicted)."""
-    from .platform_policy import expected_runner, platform_name
-
-    wanted = _patches.required() + (_patches.speedups() if fast else [])
-    return _patches.for_platform(wanted, platform_name(), expected_runner())
-
-
 class VllmEngine:
     """One vLLM `LLM`, `n_variants` LoRA slots, and the master adapter on its workers.
 
@@ -141,7 +132,7 @@ class VllmEngine:
     def __init__(self, config: EngineConfig, adapter: LoraAdapter):
         from .platform_policy import expected_runner, runner_is_v2
 
-        _patches.apply_all(patches_for(config.fast))
+        _patches.apply_all(_patches.for_engine(config.fast))
         from vllm import LLM, SamplingParams
 
         self.config = config

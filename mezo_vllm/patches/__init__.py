@@ -77,6 +77,14 @@ def for_platform(modules: list[ModuleType], platform: str, runner: str) -> list[
     return [m for m in modules if m.SCOPE.applies(platform, runner)]
 
 
+def for_engine(fast: bool) -> list[ModuleType]:
+    """The patches an engine needs where it runs: the platform and the model runner vLLM will
+    pick (patches are applied before the engine exists, so the runner is predicted)."""
+    from ..platform_policy import expected_runner, platform_name
+
+    return for_platform(required() + (speedups() if fast else []), platform_name(), expected_runner())
+
+
 def apply_all(modules: list[ModuleType]) -> None:
     for module in modules:
         module.apply()

@@ -21,7 +21,6 @@ def load() -> None:
         return
     if level not in LEVELS:
         raise ValueError(f"{ENV}={level!r}: expected one of {', '.join(LEVELS)}")
-    from ..engine import patches_for
-    from . import apply_all
+    from . import apply_all, for_engine
 
-    apply_all(patches_for(level == "all"))
+    apply_all(for_engine(level == "all"))
