@@ -11,7 +11,8 @@ accounting of each child when it exits. A child refuses bad input as the CLI doe
 `error: ...`, exit code 2), and the parent passes that line on.
 
 - patched: `VllmEngine` as `mezo-vllm tune` runs it (options that differ in their last token
-  in one request, target rows only, shared prefixes).
+  in one request, target rows only, shared prefixes); compiled: the same with vLLM's CPU
+  compilation kept on (`patches.compiled_lora`).
 - stock: vLLM 0.32's own prompt log-probs, one request per option (the crash fix
   `lora_prompt_logprobs` only, without which LoRA cannot score prompts on CPU).
 - peft: `baseline.PeftMezoLoop`, the loop a competent transformers user writes (batched, padded,
@@ -41,8 +42,9 @@ from .estimator import ZOSGD
 from .model import resolve_model
 from .trainer import batch_examples, mezo_step, step_seed
 
-BACKENDS = ("patched", "stock", "peft")
-LABELS = {"patched": "mezo-vllm", "stock": "stock vLLM", "peft": "transformers+PEFT (batched)"}
+BACKENDS = ("patched", "compiled", "stock", "peft")
+LABELS = {"patched": "mezo-vllm", "compiled": "mezo-vllm, compiled", "stock": "stock vLLM",
+          "peft": "transformers+PEFT (batched)"}
 BATCH = 16
 EPS, LR = 1e-2, 1e-4
 SPEC = LoraSpec()  # the default adapter: r 8, α 16, q_proj/v_proj
@@ -126,11 +128,12 @@ class _Peft:
 
 
 class _Vllm:
-    def __init__(self, model_dir: str, dtype: str, fast: bool):
+    def __init__(self, model_dir: str, dtype: str, fast: bool, compile: bool = False):
         from .engine import EngineConfig, VllmEngine
 
         adapter = LoraAdapter.init(SPEC, model_linear_shapes(model_dir), seed=0)
-        self.engine = VllmEngine(EngineConfig(model=model_dir, dtype=dtype, fast=fast), adapter)
+        config = EngineConfig(model=model_dir, dtype=dtype, fast=fast, compile=compile)
+        self.engine = VllmEngine(config, adapter)
         self.tokenizer = self.engine.tokenizer
         self.estimator = ZOSGD()
 
@@ -151,23 +154,24 @@ class _Vllm:
 def measure(backend: str, dtype: str, steps: int) -> dict[str, Any]:
     """Steps/s, forwarded tokens/s and the first step's losses per workload, in this process."""
     model_dir = str(resolve_model(None))
-    runner: Any = _Peft(model_dir, dtype) if backend == "peft" else _Vllm(model_dir, dtype, backend == "patched")
+    runner: Any = (_Peft(model_dir, dtype) if backend == "peft"
+                   else _Vllm(model_dir, dtype, backend != "stock", compile=backend == "compiled"))
     results: dict[str, Any] = {}
     for k, work in enumerate(workloads(runner.tokenizer)):
         split = Split.make(work.dataset, runner.tokenizer, 1024, "truncate")
         examples = sorted(split.by_example)
         batches = [split.requests_of(batch_examples(0, s, examples, BATCH)) for s in range(steps + 1)]
         first = runner.step(split, batches[0], step_seed(0, 0, 0))  # pays one-off costs
-        counted = dict(runner.engine.tokens) if backend == "patched" else {}
+        counted = dict(runner.engine.tokens) if backend != "peft" else {}
         t0 = time.perf_counter()
         for s, requests in enumerate(batches[1:], start=1):
             runner.step(split, requests, step_seed(0, s, 0))
         step_time = (time.perf_counter() - t0) / steps
         record = {"steps_per_s": 1 / step_time, "first_losses": first}
-        if backend == "patched":
+        if counted:
             tokens = {key: runner.engine.tokens[key] - counted[key] for key in counted}
             record["forwarded_tokens_per_s"] = (tokens["prompt"] - tokens["cached"]) / steps / step_time
-            if k == 0:
+            if k == 0 and backend != "stock":
                 record["lora_vs_no_lora"] = runner.lora_vs_no_lora(batches[1])
         results[work.name] = record
     return results
@@ -249,22 +253,33 @@ def run_bench(out: Path, steps: int, dtypes: list[str] | None = None, echo: Any 
     return results
 
 
+OURS = ("patched", "compiled")
+
+
+def _gap(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return float(np.max(np.abs(np.subtract(a["first_losses"], b["first_losses"]))))
+
+
 def ratio_table(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (dtype, workload, our engine): steps/s and its ratios to the others."""
     rows = []
     for dtype in results["dtypes"]:
         runs = {b: results["runs"][f"{b}/{dtype}"] for b in BACKENDS}
-        for work, p in runs["patched"].items():
-            gflops = p["forwarded_tokens_per_s"] * results["flops_per_token"] / 1e9
-            rows.append({
-                "dtype": dtype, "workload": work, "patched_steps_per_s": p["steps_per_s"],
-                "vs_peft": p["steps_per_s"] / runs["peft"][work]["steps_per_s"],
-                "vs_stock": p["steps_per_s"] / runs["stock"][work]["steps_per_s"],
-                "forwarded_tokens_per_s": p["forwarded_tokens_per_s"],
-                "fraction_of_peak": gflops / results["peak_gflops"][dtype],
-                "lora_vs_no_lora": p.get("lora_vs_no_lora"),
-                "loss_gap_vs_peft": float(np.max(np.abs(np.subtract(p["first_losses"],
-                                                                     runs["peft"][work]["first_losses"])))),
-            })
+        for work in runs["patched"]:
+            for ours in OURS:
+                p = runs[ours][work]
+                gflops = p["forwarded_tokens_per_s"] * results["flops_per_token"] / 1e9
+                rows.append({
+                    "dtype": dtype, "workload": work, "engine": ours, "steps_per_s": p["steps_per_s"],
+                    "vs_peft": p["steps_per_s"] / runs["peft"][work]["steps_per_s"],
+                    "vs_stock": p["steps_per_s"] / runs["stock"][work]["steps_per_s"],
+                    "vs_eager": p["steps_per_s"] / runs["patched"][work]["steps_per_s"],
+                    "forwarded_tokens_per_s": p["forwarded_tokens_per_s"],
+                    "fraction_of_peak": gflops / results["peak_gflops"][dtype],
+                    "lora_vs_no_lora": p.get("lora_vs_no_lora"),
+                    "loss_gap_vs_peft": _gap(p, runs["peft"][work]),
+                    "loss_gap_vs_eager": _gap(p, runs["patched"][work]),
+                })
     return rows
 
 
@@ -272,14 +287,15 @@ def format_table(results: dict[str, Any]) -> str:
     peaks = ", ".join(f"{d} {g:.0f}" for d, g in results["peak_gflops"].items())
     lines = [f"matmul peak here (GFLOP/s): {peaks}; {results['flops_per_token'] / 1e6:.0f} MFLOP per token",
              "",
-             "| dtype | workload | mezo-vllm steps/s | ÷ transformers+PEFT | ÷ stock vLLM | forwarded tokens/s "
-             "| of the matmul peak | LoRA ÷ no-LoRA | first-step loss gap vs PEFT |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| dtype | workload | engine | steps/s | ÷ transformers+PEFT | ÷ stock vLLM | ÷ eager "
+             "| forwarded tokens/s | of the matmul peak | LoRA ÷ no-LoRA | first-step |ΔL| vs PEFT / vs eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results["table"]:
         lora = f"{row['lora_vs_no_lora']:.2f}" if row["lora_vs_no_lora"] else ""
-        lines.append(f"| {row['dtype']} | {row['workload']} | {row['patched_steps_per_s']:.3f} | "
-                     f"{row['vs_peft']:.2f}× | {row['vs_stock']:.2f}× | {row['forwarded_tokens_per_s']:.0f} | "
-                     f"{row['fraction_of_peak']:.0%} | {lora} | {row['loss_gap_vs_peft']:.1e} |")
+        lines.append(f"| {row['dtype']} | {row['workload']} | {LABELS[row['engine']]} | {row['steps_per_s']:.3f} | "
+                     f"{row['vs_peft']:.2f}× | {row['vs_stock']:.2f}× | {row['vs_eager']:.2f}× | "
+                     f"{row['forwarded_tokens_per_s']:.0f} | {row['fraction_of_peak']:.0%} | {lora} | "
+                     f"{row['loss_gap_vs_peft']:.1e} / {row['loss_gap_vs_eager']:.1e} |")
     rss = results["rss_gib"]
     lines.append(f"\npeak RSS: tune {rss['tune']:.2f} GiB, eval {rss['eval']:.2f} GiB, ratio {rss['ratio']:.3f}")
     return "\n".join(lines)
@@ -298,7 +314,7 @@ def plot_bench(results: dict[str, Any], path: Path) -> None:
         x = np.arange(len(works))
         for k, backend in enumerate(BACKENDS):
             vals = [results["runs"][f"{backend}/{dtype}"][w]["steps_per_s"] for w in works]
-            ax.bar(x + (k - 1) * 0.27, vals, 0.27, label=LABELS[backend])
+            ax.bar(x + (k - 1.5) * 0.2, vals, 0.2, label=LABELS[backend])
         ax.set_xticks(x, works)
         ax.set(title=f"MeZO steps/s, end to end ({dtype})", ylabel="steps/s (higher is better)")
         ax.legend()

@@ -20,7 +20,7 @@ from .settings import (ConfigError, OnResume, above, at_least, check_settings, f
 
 # The engine's dtypes (`bench` measures each). The master adapter is always fp32. A choice that
 # resolves to one of these (say "auto") goes into the `dtype` setting's choices below, not here.
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 OVERFLOW = ("truncate", "reject")
 # loss: the batch loss from log-probs; f1: −F1 of greedy answers (generation tasks, MeZO's
 # non-differentiable objective)
@@ -95,7 +95,8 @@ class TuneConfig(ModelSettings):
     lozo_period: int = setting(50, "--estimator lozo: steps between redraws of V", checks=(at_least(1),))
     objective: str = setting("loss", "loss: log-prob loss; f1: −F1 of greedy answers (generation tasks)",
                              choices=OBJECTIVES)
-    dtype: str = setting("float32", "the engine's dtype; the master adapter is always fp32", choices=DTYPES)
+    dtype: str = setting("auto", "the engine's dtype (auto: float32 on CPU, bfloat16 on GPU, whose LoRA "
+                         "kernels take 16-bit only); the master adapter is always fp32", choices=(*DTYPES, "auto"))
     eval_every: int = setting(100, "steps between dev evaluations (0 = only before and after)", checks=(at_least(0),))
     save_every: int = setting(100, "steps between checkpoints (0 = only at the end)", checks=(at_least(0),))
     overflow: str = setting("truncate", "examples longer than --max-length: cut the context from the left, "

@@ -122,10 +122,17 @@ def _refusal(error: Exception) -> str:
 
 
 class VllmEngine:
-    """One vLLM `LLM`, `n_variants` LoRA slots, and the master adapter on its workers."""
+    """One vLLM `LLM`, `n_variants` LoRA slots, and the master adapter on its workers.
+
+    Two scoring backends behind `score`: on vLLM's V1 model runner (CPU; CUDA with
+    VLLM_USE_V2_MODEL_RUNNER=0) `patches.span_logprobs`, on V2 (CUDA's default) vLLM's native
+    prompt-token-id log-probs (`v2_scoring`); `fast=False` is upstream's prompt log-probs.
+    """
 
     def __init__(self, config: EngineConfig, adapter: LoraAdapter):
-        _patches.apply_all(_patches.required() + (_patches.speedups() if config.fast else []))
+        from .platform_policy import expected_runner, runner_is_v2
+
+        _patches.apply_all(_patches.for_engine(config.fast))
         from vllm import LLM, SamplingParams
 
         self.config = config
@@ -142,6 +149,9 @@ class VllmEngine:
                     max_loras=config.n_variants + 1,  # + one slot for adapters read from disk
                     max_cpu_loras=config.n_variants + 1,
                     max_lora_rank=adapter.spec.r,
+                    # only the adapter's modules get LoRA layers: vLLM otherwise wraps every
+                    # linear layer, the embeddings and the lm_head, and runs LoRA ops on zeros
+                    lora_target_modules=list(adapter.spec.targets),
                     seed=config.seed,
                     trust_remote_code=config.trust_remote_code,
                     kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)),
@@ -156,9 +166,13 @@ class VllmEngine:
             raise ConfigError(f"--tensor-parallel-size {config.tensor_parallel_size} "
                               f"--pipeline-parallel-size {config.pipeline_parallel_size}: "
                               f"vLLM refuses: {_refusal(e)}") from None
+        self.v2 = runner_is_v2(self.llm.llm_engine.vllm_config)
+        if self.v2 != (expected_runner() == "v2"):
+            raise RuntimeError(f"vLLM runs model runner {'V2' if self.v2 else 'V1'}, but the patches "
+                               f"for {expected_runner().upper()} were applied (mezo_vllm.platform_policy."
+                               "expected_runner is out of date for this vLLM)")
         self.tokenizer = self.llm.get_tokenizer()
-        # fast=False scores with upstream's prompt log-probs (the benchmark's stock vLLM); fast=True
-        # with patches.span_logprobs, one SamplingParams per request (its span rides in extra_args).
+        # fast=False scores with upstream's prompt log-probs (the benchmark's stock vLLM)
         self._params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         self._span_keys = itertools.count()
         self.tokens = {"prompt": 0, "cached": 0}
@@ -251,8 +265,9 @@ class VllmEngine:
     def _score_with(self, requests: Sequence[Request], variant_loras: Sequence[Any]) -> np.ndarray:
         """`score` with explicit LoRARequests (None: the base model), one row per LoRA.
 
-        fast=True: patches.span_logprobs (target rows only); fast=False: upstream's prompt
-        log-probs (the benchmark's stock vLLM). Both give the same sums up to rounding.
+        fast=True: the target rows only (V1: patches.span_logprobs; V2: vLLM's native scoring);
+        fast=False: upstream's prompt log-probs (the benchmark's stock vLLM). All give the same
+        sums up to rounding.
         """
         if self.config.fast:
             return self._score_spans(requests, variant_loras)
@@ -262,42 +277,45 @@ class VllmEngine:
         self, requests: Sequence[Request], variant_loras: Sequence[Any],
         share_prefix: bool | None = None,
     ) -> np.ndarray:
-        """Score through patches.span_logprobs: the lm_head runs on the target rows only.
+        """Score the target rows only (the lm_head never runs on the others).
 
         With `share_prefix` (default: the config's `prefix_sharing`) requests read the prefix
         cache up to their span (patches.prefix_sharing), so equal prefixes are computed once.
         """
-        from .patches import span_logprobs
-
-        results, keys = self._span_results(requests, variant_loras, share_prefix)
-        columns = [values.sum(0) for values in span_logprobs.gather(results, keys)]
+        columns = [values.sum(0) for values in self._span_results(requests, variant_loras, share_prefix)]
         return np.concatenate(columns).reshape(len(variant_loras), -1)
 
     def _span_results(
         self, requests: Sequence[Request], variant_loras: Sequence[Any], share_prefix: bool | None,
-    ) -> tuple[list[dict[int, np.ndarray]], list[int]]:
-        """One engine call: every worker's per-token span log-probs, and each prompt's key."""
-        from .patches import span_logprobs
-
+    ) -> list[np.ndarray]:
+        """One engine call: the [n_targets, columns] log-probs of every request under every LoRA,
+        LoRA-major (variant-major order keeps each slot's tokens contiguous)."""
         from vllm.inputs import TokensPrompt
 
+        from . import v2_scoring
+        from .patches import span_logprobs
+
         share = self.config.prefix_sharing if share_prefix is None else share_prefix
-        # A span's last token is never input, only a candidate: its prompt stops before it.
-        shortened = [TokensPrompt(prompt_token_ids=list(r.token_ids[:-1])) for r in requests]
-        candidates = [[list(row) for row in r.candidates] for r in requests]
-        prompts = [prompt for _ in variant_loras for prompt in shortened]
+        everyone = [r for _ in variant_loras for r in requests]
         loras = [lora for lora in variant_loras for _ in requests]
-        keys = [next(self._span_keys) for _ in prompts]
-        params = [
-            span_logprobs.span_params(r.span_start, key, rows, read_prefix_cache=share)
-            for key, (r, rows) in zip(keys, itertools.cycle(list(zip(requests, candidates))))
-        ]
+        if self.v2:  # V2 scores rows up to the prompt's last but one: the whole span is sent
+            prompts = [TokensPrompt(prompt_token_ids=list(r.token_ids)) for r in everyone]
+            params = v2_scoring.sampling_params(everyone, read_prefix_cache=share)
+            outputs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+            self._count(outputs)
+            return v2_scoring.parse_outputs(outputs, everyone)
+        # V1 (patches.span_logprobs): a span's last token is never input, only a candidate
+        prompts = [TokensPrompt(prompt_token_ids=list(r.token_ids[:-1])) for r in everyone]
+        keys = [next(self._span_keys) for _ in everyone]
+        params = [span_logprobs.span_params(r.span_start, key, [list(row) for row in r.candidates],
+                                            read_prefix_cache=share)
+                  for key, r in zip(keys, everyone)]
         try:
             outputs = self.llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
         finally:
             results = self._rpc("mezo_take_spans")  # also clears what a failed call left behind
         self._count(outputs)
-        return results, keys
+        return span_logprobs.gather(results, keys)
 
     def _count(self, outputs: Sequence[Any]) -> None:
         """Prompt tokens scored, and those the prefix cache served (the benchmark's figures)."""
@@ -311,12 +329,9 @@ class VllmEngine:
         """log p of each target token, [variant][request] arrays [n_targets, columns] (fast
         engines): what `score` sums, for the correctness oracle (`mezo_vllm.validate`,
         tests/test_oracle.py)."""
-        from .patches import span_logprobs
-
         if not self.config.fast:
-            raise ValueError("token_logprobs needs a fast engine (patches.span_logprobs)")
-        results, keys = self._span_results(requests, self._variant_loras(variants), share_prefix)
-        values = iter(span_logprobs.gather(results, keys))
+            raise ValueError("token_logprobs needs a fast engine (target rows only)")
+        values = iter(self._span_results(requests, self._variant_loras(variants), share_prefix))
         return [[next(values) for _ in requests] for _ in variants]
 
     def _score_prompt_logprobs(

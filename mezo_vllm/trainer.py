@@ -16,7 +16,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, Sequence
 
@@ -31,6 +31,7 @@ from .data import CLASSIFICATION, Dataset, Request, Split, load_file, load_task
 from .estimator import Estimator, learning_rate, make_estimator, projected_gradient
 from .evaluation import evaluate, generation_scores
 from .model import ModelError, resolve_model
+from .platform_policy import engine_dtype
 from .recipe import read_saved_config
 
 MAX_NONFINITE_IN_A_ROW = 5
@@ -256,6 +257,9 @@ def prepare(cfg: TuneConfig, resume: bool = False, overwrite: bool = False) -> P
     found here, before the engine starts (tens of seconds) and before anything on disk is
     changed (--overwrite deletes the old run only once all checks have passed)."""
     cfg.validate()
+    # the run records the dtype it ran with ("auto" resolved for the installed vLLM)
+    cfg = replace(cfg, dtype=engine_dtype(cfg.dtype) if cfg.engine == "vllm" else
+                  "float32" if cfg.dtype == "auto" else cfg.dtype)
     run = Path(cfg.out)
     _check_out(run, resume, overwrite)
     train, dev = load_splits(cfg)
@@ -348,7 +352,7 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
     """
     started = time.perf_counter()
     p = prepare(cfg, resume, overwrite)
-    run = p.run
+    cfg, run = p.cfg, p.run
     _note_schedule_change(p)
     if overwrite and not resume and run.exists():
         shutil.rmtree(run)

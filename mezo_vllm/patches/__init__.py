@@ -1,13 +1,33 @@
 """Changes to vLLM internals that mezo-vllm depends on, one module per change.
 
 Each module says what upstream vLLM does, what it changes and why, and which vLLM versions it
-was written for; `apply()` refuses any other version and is idempotent. `apply_all()` applies
-the ones the engine asks for, in the process that runs the model (the engine runs in-process).
+was written for; `apply()` refuses any other version and is idempotent. Each declares its
+`SCOPE`: the attributes it replaces and the platforms and model runners that call them, so that
+it is applied only where its target runs (a patch applied where its target never runs fails
+silently: the engine takes upstream's slow path, or waits for a hook that is never called).
+tests/test_gpu_path.py checks every declaration against the installed vLLM sources.
+`apply_all()` applies the ones the engine asks for, in the process that runs the model.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
+
+PLATFORMS = ("cpu", "cuda", "rocm")
+RUNNERS = ("v1", "v2")  # vLLM's model runners: V1 (CPU, or VLLM_USE_V2_MODEL_RUNNER=0), V2 (CUDA's default)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The attributes a patch replaces ("module:Class.attr") and where they are called."""
+
+    targets: tuple[str, ...]
+    platforms: tuple[str, ...]
+    runners: tuple[str, ...]
+
+    def applies(self, platform: str, runner: str) -> bool:
+        return platform in self.platforms and runner in self.runners
 
 
 class PatchVersionError(RuntimeError):
@@ -15,9 +35,13 @@ class PatchVersionError(RuntimeError):
 
 
 def check_version(patch: str, supported: tuple[str, ...]) -> None:
+    """Refuse a vLLM the patch was not written for; a local suffix ("0.32.0+cu130") is the same
+    release."""
     import vllm
 
-    if vllm.__version__ not in supported:
+    from ..platform_policy import version_supported
+
+    if not version_supported(vllm.__version__, supported):
         raise PatchVersionError(
             f"patch {patch!r} was written for vLLM {', '.join(supported)}, "
             f"but vLLM {vllm.__version__} is installed: install a supported vLLM "
@@ -46,6 +70,19 @@ def speedups() -> list[ModuleType]:
     from . import compiled_lora, fast_cpu_lora, prefix_sharing, span_logprobs
 
     return [fast_cpu_lora, compiled_lora, span_logprobs, prefix_sharing]
+
+
+def for_platform(modules: list[ModuleType], platform: str, runner: str) -> list[ModuleType]:
+    """The modules whose targets run on `platform` with model runner `runner`."""
+    return [m for m in modules if m.SCOPE.applies(platform, runner)]
+
+
+def for_engine(fast: bool) -> list[ModuleType]:
+    """The patches an engine needs where it runs: the platform and the model runner vLLM will
+    pick (patches are applied before the engine exists, so the runner is predicted)."""
+    from ..platform_policy import expected_runner, platform_name
+
+    return for_platform(required() + (speedups() if fast else []), platform_name(), expected_runner())
 
 
 def apply_all(modules: list[ModuleType]) -> None:

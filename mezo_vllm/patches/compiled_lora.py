@@ -29,10 +29,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import check_version, fast_cpu_lora, mark_applied
+from . import check_version, fast_cpu_lora, mark_applied, RUNNERS, Scope
 
 SUPPORTED = ("0.32.0",)
 NAME = "compiled_lora"
+SCOPE = Scope(
+    targets=("vllm.lora.punica_wrapper.punica_cpu:PunicaWrapperCPU.add_lora_linear",
+             "vllm.lora.punica_wrapper.punica_cpu:PunicaWrapperCPU.add_lora_embedding",
+             "vllm.platforms.cpu:CpuPlatform.check_and_update_config"),
+    platforms=("cpu",), runners=RUNNERS,
+)
 ENV = "MEZO_VLLM_COMPILE_LORA"
 
 

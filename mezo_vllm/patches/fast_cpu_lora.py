@@ -42,10 +42,16 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from . import check_version, mark_applied
+from . import check_version, mark_applied, RUNNERS, Scope
 
 SUPPORTED = ("0.32.0",)
 NAME = "fast_cpu_lora"
+SCOPE = Scope(
+    targets=(*(f"vllm.lora.punica_wrapper.punica_cpu:PunicaWrapperCPU._{op}_{mode}"
+               for op in ("shrink", "expand", "expand_slice") for mode in ("prefill", "decode")),
+             "vllm.lora.punica_wrapper.punica_cpu:PunicaWrapperCPU.add_lora_linear"),
+    platforms=("cpu",), runners=RUNNERS,  # the CPU platform picks PunicaWrapperCPU, either runner
+)
 
 Segments = list[tuple[int, int, int]]  # (first row, rows, slot) with slot ≥ 0
 

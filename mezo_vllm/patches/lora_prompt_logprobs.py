@@ -29,10 +29,15 @@ from typing import Any, Iterator
 
 import torch
 
-from . import check_version, mark_applied
+from . import check_version, mark_applied, Scope
 
 SUPPORTED = ("0.32.0",)
 NAME = "lora_prompt_logprobs"
+SCOPE = Scope(
+    targets=("vllm.lora.punica_wrapper.punica_cpu:PunicaWrapperCPU.add_lora_logits",
+             "vllm.v1.worker.gpu_model_runner:GPUModelRunner._get_prompt_logprobs_dict"),
+    platforms=("cpu",), runners=("v1",),
+)
 
 # Which rows of the step's batch a `compute_logits` call covers: (first row, count) for a
 # contiguous run, or a 1-D index tensor; None (the sampler's call) means one row per request.

@@ -21,6 +21,6 @@ def load() -> None:
         return
     if level not in LEVELS:
         raise ValueError(f"{ENV}={level!r}: expected one of {', '.join(LEVELS)}")
-    from . import apply_all, required, speedups
+    from . import apply_all, for_engine
 
-    apply_all(required() + (speedups() if level == "all" else []))
+    apply_all(for_engine(level == "all"))

@@ -18,10 +18,11 @@ such a step in two). The first option of an example computes the shared prefix, 
 one, in the same step, reads it. Only full blocks are shared: the block size sets how much.
 
 Change: `span_logprobs.span_params(..., read_prefix_cache=True)` lets a span request read the
-cache; the wrapped `KVCacheManager.get_computed_blocks` caps the hit of such a request at the
-last block boundary ≤ span start - 1 (the first span row), with upstream's
-`truncate_computed_blocks`, so every span row is computed by the request itself. Other requests
-are unchanged. Variants never share KV: the block hash includes the LoRA name, and mezo-vllm
+cache (on V2: `v2_scoring.sampling_params(..., read_prefix_cache=True)`, whose
+`prompt_logprob_start` row V2's worker drops the request past, silently); the wrapped
+`KVCacheManager.get_computed_blocks` caps the hit of such a request at the last block boundary
+≤ its first scored row, with upstream's `truncate_computed_blocks`, so every scored row is
+computed by the request itself. Other requests are unchanged. Variants never share KV: the block hash includes the LoRA name, and mezo-vllm
 gives every written variant a fresh name.
 
 Written for vLLM 0.32.0.
@@ -32,10 +33,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from . import check_version, mark_applied, span_logprobs
+from .. import v2_scoring
+from . import check_version, mark_applied, PLATFORMS, RUNNERS, Scope, span_logprobs
 
 SUPPORTED = ("0.32.0",)
 NAME = "prefix_sharing"
+SCOPE = Scope(  # the scheduler's, the same for both runners
+    targets=("vllm.v1.core.kv_cache_manager:KVCacheManager.get_computed_blocks",),
+    platforms=PLATFORMS, runners=RUNNERS,
+)
 
 
 def capped_hit(num_hit: int, span_start: int, alignment: int) -> int:
@@ -57,13 +63,20 @@ def _alignment(manager: Any) -> int:
     return math.lcm(*sizes) if sizes else 1
 
 
+def first_scored_row(sampling_params: Any) -> int | None:
+    """The first prompt row a scoring request needs computed: a span request's span_start - 1
+    (V1, `span_logprobs`), V2's `prompt_logprob_start`; None for any other request."""
+    span = span_logprobs.span_of(sampling_params)
+    return span[0] - 1 if span is not None else v2_scoring.first_scored_row(sampling_params)
+
+
 def _wrap(original: Any) -> Any:
     def get_computed_blocks(self: Any, request: Any) -> Any:
         blocks, num_hit, *rest = original(self, request)
-        span = span_logprobs.span_of(request.sampling_params)
-        if span is None or num_hit == 0:
+        row = first_scored_row(request.sampling_params)
+        if row is None or num_hit == 0:
             return (blocks, num_hit, *rest)
-        capped = capped_hit(num_hit, span[0], _alignment(self))
+        capped = capped_hit(num_hit, row + 1, _alignment(self))
         if capped == num_hit:
             return (blocks, num_hit, *rest)
         if capped == 0:
@@ -75,7 +88,6 @@ def _wrap(original: Any) -> Any:
 
 def apply() -> None:
     check_version(NAME, SUPPORTED)
-    span_logprobs.apply()
     from vllm.v1.core.kv_cache_manager import KVCacheManager
 
     if mark_applied(KVCacheManager, NAME):

@@ -51,10 +51,14 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from . import check_version, lora_prompt_logprobs, mark_applied
+from . import check_version, lora_prompt_logprobs, mark_applied, PLATFORMS, Scope
 
 SUPPORTED = ("0.32.0",)
 NAME = "span_logprobs"
+SCOPE = Scope(  # V2's runner is no subclass of V1's and scores prompts natively (v2_scoring)
+    targets=("vllm.v1.worker.gpu_model_runner:GPUModelRunner._get_prompt_logprobs_dict",),
+    platforms=PLATFORMS, runners=("v1",),
+)
 
 START = "mezo_span_start"  # extra_args: index in the prompt of the first target token
 KEY = "mezo_span_key"  # extra_args: the caller's id for the request's result
