@@ -12,10 +12,13 @@ Two of its choices are about safety and correctness, not convenience:
 
 - it listens on 127.0.0.1 unless `--host` says otherwise, and hands the API key to vLLM in its
   environment (`VLLM_API_KEY`, which vLLM reads), not on a command line every user can list;
-- on the CPU build, with an adapter, the server's worker applies the `lora_prompt_logprobs`
-  patch (through the `vllm.general_plugins` entry point): stock vLLM's engine dies on the first
-  batch of two or more prompt-log-prob requests with LoRA enabled (`echo` + `logprobs`, the way
-  evaluation harnesses score options), taking the server down with it.
+- on the CPU build, with an adapter, the server's worker applies two of this project's patches
+  (`patches.serving()`, through the `vllm.general_plugins` entry point). Without them stock
+  vLLM 0.32 answers wrong or not at all: the engine dies on the first batch of two or more
+  prompt-log-prob requests with LoRA enabled (`echo` + `logprobs`, the way evaluation harnesses
+  score options), taking the server down with it; and a request for the base model that shares
+  a batch with one for the adapter is computed with the adapter (its rows, slot -1, read the
+  last LoRA slot), with no error anywhere.
 """
 
 from __future__ import annotations
@@ -199,12 +202,12 @@ def server_command(target: ServeTarget, host: str, port: int, dtype: str | None,
 
 
 def server_env(target: ServeTarget, api_key: str | None) -> dict[str, str]:
-    """The server's environment: ours, plus the API key and, on CPU with LoRA, the crash fix."""
+    """The server's environment: ours, plus the API key and, on CPU with LoRA, the fixes."""
     env = {k: v for k, v in os.environ.items() if k not in (API_KEY_ENV, plugin.ENV)}
     if api_key:
         env[API_KEY_ENV] = api_key
     if target.adapter is not None and cpu_build():
-        env[plugin.ENV] = "required"
+        env[plugin.ENV] = "serve"
     return env
 
 

@@ -48,6 +48,17 @@ def speedups() -> list[ModuleType]:
     return [fast_cpu_lora, span_logprobs, prefix_sharing]
 
 
+def serving() -> list[ModuleType]:
+    """The patches a vLLM server with LoRA on CPU needs to answer right (`mezo-vllm serve`):
+    without them a batch of prompt-log-prob requests crashes the engine, and a request for the
+    base model batched with one for an adapter gets the adapter (rows without one read the
+    last slot). The scoring speed-ups for training (`span_logprobs`, `prefix_sharing`) are not
+    among them: they act only on the engine's own span requests."""
+    from . import fast_cpu_lora, lora_prompt_logprobs
+
+    return [lora_prompt_logprobs, fast_cpu_lora]
+
+
 def apply_all(modules: list[ModuleType]) -> None:
     for module in modules:
         module.apply()
