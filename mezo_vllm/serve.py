@@ -42,7 +42,6 @@ from .patches import plugin
 # The single-API-server entry point that `vllm serve` and the deprecated
 # `python -m vllm.entrypoints.openai.api_server` both end up in (vLLM 0.32).
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
-LOOPBACK = "127.0.0.1"
 API_KEY_ENV = "VLLM_API_KEY"  # vLLM's own: its server reads the key from here
 RUN_MARKER = "trajectory.jsonl"  # a run folder has one; a model folder does not
 
@@ -131,8 +130,8 @@ def resolve_target(path: str, name: str | None = None, model: str | None = None)
                           "or a model folder (config.json + *.safetensors)")
     if model is not None:
         raise ConfigError(f"--model {model}: {path} is a whole model (merged), it has no base model")
-    merged = resolve_model(str(given))
-    served = name or merged.resolve().name
+    merged = resolve_model(str(given)).resolve()
+    served = name or merged.name
     return ServeTarget(model=merged, adapter=None, name=served, base_name=served, rank=None,
                        max_length=None, prompts=_prompt_format(None))
 
@@ -144,7 +143,7 @@ def _adapter_target(adapter: Path, name: str | None, model: str | None) -> Serve
     if not base:
         raise ConfigError(f"{adapter / ADAPTER_CONFIG} names no base model: pass --model DIR")
     try:
-        base_dir = resolve_model(base)
+        base_dir = resolve_model(base).resolve()
     except ModelError as e:
         raise ModelError(f"{e} (the base model of {adapter}; pass --model DIR if it moved)") from None
     run = _run_of(adapter.resolve())
@@ -153,7 +152,7 @@ def _adapter_target(adapter: Path, name: str | None, model: str | None) -> Serve
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise ConfigError(f"{run / 'config.json'}: max_length must be a positive integer, got {max_length!r}")
     served = name or (run or adapter.resolve()).name
-    base_name = base_dir.resolve().name
+    base_name = base_dir.name
     if served == base_name:
         raise ConfigError(f"--name {served}: the base model is served under that name; choose another")
     return ServeTarget(model=base_dir, adapter=adapter.resolve(), name=served, base_name=base_name,
