@@ -132,7 +132,7 @@ class VllmEngine:
     def __init__(self, config: EngineConfig, adapter: LoraAdapter):
         from .platform_policy import expected_runner, runner_is_v2
 
-        _patches.apply_all(_patches.for_engine(config.fast))
+        _patches.apply_all(_patches.for_engine("all" if config.fast else "required"))
         from vllm import LLM, SamplingParams
 
         self.config = config

@@ -12,10 +12,13 @@ Two of its choices are about safety and correctness, not convenience:
 
 - it listens on 127.0.0.1 unless `--host` says otherwise, and hands the API key to vLLM in its
   environment (`VLLM_API_KEY`, which vLLM reads), not on a command line every user can list;
-- on the CPU build, with an adapter, the server's worker applies the `lora_prompt_logprobs`
-  patch (through the `vllm.general_plugins` entry point): stock vLLM's engine dies on the first
-  batch of two or more prompt-log-prob requests with LoRA enabled (`echo` + `logprobs`, the way
-  evaluation harnesses score options), taking the server down with it.
+- on the CPU build, with an adapter, the server's worker applies two of this project's patches
+  (`patches.serving()`, through the `vllm.general_plugins` entry point). Without them stock
+  vLLM 0.32 answers wrong or not at all: the engine dies on the first batch of two or more
+  prompt-log-prob requests with LoRA enabled (`echo` + `logprobs`, the way evaluation harnesses
+  score options), taking the server down with it; and a request for the base model that shares
+  a batch with one for the adapter is computed with the adapter (its rows, slot -1, read the
+  last LoRA slot), with no error anywhere.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ from .platform_policy import cpu_build
 # The single-API-server entry point that `vllm serve` and the deprecated
 # `python -m vllm.entrypoints.openai.api_server` both end up in (vLLM 0.32).
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
-LOOPBACK = "127.0.0.1"
 API_KEY_ENV = "VLLM_API_KEY"  # vLLM's own: its server reads the key from here
 RUN_MARKER = "trajectory.jsonl"  # a run folder has one; a model folder does not
 
@@ -118,8 +120,8 @@ def resolve_target(path: str, name: str | None = None, model: str | None = None)
                           "or a model folder (config.json + *.safetensors)")
     if model is not None:
         raise ConfigError(f"--model {model}: {path} is a whole model (merged), it has no base model")
-    merged = resolve_model(str(given))
-    served = name or merged.resolve().name
+    merged = resolve_model(str(given)).resolve()
+    served = name or merged.name
     return ServeTarget(model=merged, adapter=None, name=served, base_name=served, rank=None,
                        max_length=None, prompts=_prompt_format(None))
 
@@ -131,7 +133,7 @@ def _adapter_target(adapter: Path, name: str | None, model: str | None) -> Serve
     if not base:
         raise ConfigError(f"{adapter / ADAPTER_CONFIG} names no base model: pass --model DIR")
     try:
-        base_dir = resolve_model(base)
+        base_dir = resolve_model(base).resolve()
     except ModelError as e:
         raise ModelError(f"{e} (the base model of {adapter}; pass --model DIR if it moved)") from None
     run = _run_of(adapter.resolve())
@@ -140,7 +142,7 @@ def _adapter_target(adapter: Path, name: str | None, model: str | None) -> Serve
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise ConfigError(f"{run / 'config.json'}: max_length must be a positive integer, got {max_length!r}")
     served = name or (run or adapter.resolve()).name
-    base_name = base_dir.resolve().name
+    base_name = base_dir.name
     if served == base_name:
         raise ConfigError(f"--name {served}: the base model is served under that name; choose another")
     return ServeTarget(model=base_dir, adapter=adapter.resolve(), name=served, base_name=base_name,
@@ -189,12 +191,12 @@ def server_command(target: ServeTarget, host: str, port: int, dtype: str | None,
 
 
 def server_env(target: ServeTarget, api_key: str | None) -> dict[str, str]:
-    """The server's environment: ours, plus the API key and, on CPU with LoRA, the crash fix."""
+    """The server's environment: ours, plus the API key and, on CPU with LoRA, the fixes."""
     env = {k: v for k, v in os.environ.items() if k not in (API_KEY_ENV, plugin.ENV)}
     if api_key:
         env[API_KEY_ENV] = api_key
     if target.adapter is not None and cpu_build():
-        env[plugin.ENV] = "required"
+        env[plugin.ENV] = "serve"
     return env
 
 

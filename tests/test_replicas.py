@@ -12,12 +12,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from listeners import is_loopback, listening
 
 from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes
 from mezo_vllm.config import ConfigError, TuneConfig
@@ -220,3 +222,36 @@ def test_a_replica_that_dies_stops_the_run_with_the_checkpoint_intact(tmp_path, 
     reference, _ = _run(tmp_path, "two-steps", engine_fp32, steps=2)
     expected = LoraAdapter.load(reference / "adapter").tensors
     assert max(float((adapter.tensors[k] - expected[k]).abs().max()) for k in expected) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_local_ray_cluster_listens_on_loopback_only(tmp_path):
+    """`tune --replicas 2` without --ray-address, as a user runs it: every TCP socket that its
+    processes listen on (the driver; Ray's GCS, raylet, agents and workers; the replicas and their
+    engines), sampled every half second while it runs, is a loopback one; Ray's token
+    authentication stays on."""
+    cli = Path(sys.executable).parent / "mezo-vllm"
+    flags = {"--task": "sst2", "--replicas": 2, "--steps": 2, "--batch-size": 4, "--eval-every": 0,
+             "--eval-examples": 4, "--save-every": 0, "--out": tmp_path / "run"}
+    command = [str(cli), "tune", *(str(x) for kv in flags.items() for x in kv)]
+    seen: set[tuple[int, str, str, int]] = set()
+    log = tmp_path / "tune.log"
+    with open(log, "wb") as out:
+        run = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while run.poll() is None and time.monotonic() < deadline:
+            seen |= listening(run.pid)
+            time.sleep(0.5)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        run.wait(timeout=60)
+    text = log.read_text(errors="replace")
+    assert run.returncode == 0, text[-3000:]
+    names = {name for _, name, _, _ in seen}
+    assert {"gcs_server", "raylet"} <= names, seen  # sampled while Ray was up
+    assert len({pid for pid, name, _, _ in seen if name.startswith("ray::_Replica")}) == 2, seen
+    exposed = sorted((name, address, port) for _, name, address, port in seen if not is_loopback(address))
+    assert not exposed, exposed
+    assert "Token authentication is enabled" in text

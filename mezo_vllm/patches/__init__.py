@@ -72,17 +72,31 @@ def speedups() -> list[ModuleType]:
     return [fast_cpu_lora, compiled_lora, span_logprobs, prefix_sharing]
 
 
+def serving() -> list[ModuleType]:
+    """The patches a vLLM server with LoRA on CPU needs to answer right (`mezo-vllm serve`):
+    without them a batch of prompt-log-prob requests crashes the engine, and a request for the
+    base model batched with one for an adapter gets the adapter (rows without one read the
+    last slot). The scoring speed-ups for training (`span_logprobs`, `prefix_sharing`) are not
+    among them: they act only on the engine's own span requests."""
+    from . import fast_cpu_lora, lora_prompt_logprobs
+
+    return [lora_prompt_logprobs, fast_cpu_lora]
+
+
 def for_platform(modules: list[ModuleType], platform: str, runner: str) -> list[ModuleType]:
     """The modules whose targets run on `platform` with model runner `runner`."""
     return [m for m in modules if m.SCOPE.applies(platform, runner)]
 
 
-def for_engine(fast: bool) -> list[ModuleType]:
-    """The patches an engine needs where it runs: the platform and the model runner vLLM will
-    pick (patches are applied before the engine exists, so the runner is predicted)."""
+def for_engine(level: str) -> list[ModuleType]:
+    """The patches an engine needs where it runs, by level ("required", "all" for a training
+    engine with its speed-ups, "serve" for `mezo-vllm serve`): those whose targets run on the
+    platform and the model runner vLLM will pick (patches are applied before the engine exists,
+    so the runner is predicted)."""
     from ..platform_policy import expected_runner, platform_name
 
-    return for_platform(required() + (speedups() if fast else []), platform_name(), expected_runner())
+    modules = {"required": required, "all": lambda: required() + speedups(), "serve": serving}[level]()
+    return for_platform(modules, platform_name(), expected_runner())
 
 
 def apply_all(modules: list[ModuleType]) -> None:
