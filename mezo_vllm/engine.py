@@ -24,8 +24,9 @@ import torch
 from . import patches as _patches
 from .patches import plugin as _plugin
 from .adapter import Direction, LoraAdapter, Update
-from .config import ConfigError
+from .config import ConfigError, vllm_lora_rank
 from .data import Request
+from .errors import EngineStartError
 from .worker import DISK_ADAPTER_ID, QUALNAME
 
 _BASE = None  # variant index meaning "the base model, no adapter"
@@ -116,14 +117,30 @@ def _refusal(error: Exception) -> str:
     return line.removeprefix("Value error, ").split(" [type=")[0]
 
 
+def _start_failure(error: Exception) -> str:
+    """One line for an exception out of vLLM's start-up: its type and the line that says why."""
+    return f"{type(error).__name__}: {_refusal(error)[:300]}" if str(error).strip() else type(error).__name__
+
+
 class VllmEngine:
     """One vLLM `LLM`, `n_variants` LoRA slots, and the master adapter on its workers."""
 
     def __init__(self, config: EngineConfig, adapter: LoraAdapter):
+        """vLLM started with one slot per variant holding `adapter`. Whatever vLLM raises on the
+        way (a model it cannot load, too little memory, a worker that died) is an
+        EngineStartError naming the cause in one line."""
         _patches.apply_all(_patches.required() + (_patches.speedups() if config.fast else []))
+        self.config = config
+        try:
+            self._start(config, adapter)
+        except (ConfigError, _patches.PatchVersionError):
+            raise
+        except Exception as e:
+            raise EngineStartError(f"vLLM failed to start on {config.model} ({_start_failure(e)})") from e
+
+    def _start(self, config: EngineConfig, adapter: LoraAdapter) -> None:
         from vllm import LLM, SamplingParams
 
-        self.config = config
         parallel = config.tensor_parallel_size * config.pipeline_parallel_size > 1
         try:
             with _environment(_worker_env(config)):
@@ -136,7 +153,7 @@ class VllmEngine:
                     enable_lora=True,
                     max_loras=config.n_variants + 1,  # + one slot for adapters read from disk
                     max_cpu_loras=config.n_variants + 1,
-                    max_lora_rank=adapter.spec.r,
+                    max_lora_rank=vllm_lora_rank(adapter.spec.r),  # the adapter fills [:r] of a slot
                     seed=config.seed,
                     trust_remote_code=config.trust_remote_code,
                     kv_cache_memory_bytes=int(config.kv_cache_gib * (1 << 30)),

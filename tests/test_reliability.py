@@ -180,7 +180,7 @@ def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, tokenizer, capsys):
     _tear(torn / "trajectory.jsonl", {"step": 13, "seed": 1, "g": 0.5})
     _tear(torn / "metrics.jsonl", {"step": 15, "accuracy": 0.5})
     tune(_cfg(tmp_path, "torn", eval_every=5), resume=True, engine=StandInEngine(tokenizer))
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     for log in ("trajectory.jsonl", "metrics.jsonl"):
         assert f"{torn / log}: dropped its torn last line (the run was killed while writing it)\n" in printed
     assert (torn / "trajectory.jsonl").read_text() == (tmp_path / "whole/trajectory.jsonl").read_text()
@@ -223,7 +223,7 @@ class FailingEngine(StandInEngine):
     ("score", 9, "7 steps", 5),  # call 1 is the dev evaluation, call 9 step 7
     ("write_variants", 3, "1 step", None),
     ("apply_update", 12, "11 steps", 10),
-    ("master", 2, "10 steps", 5),  # the save after step 10
+    ("master", 3, "10 steps", 5),  # call 1 keeps best/ at step 0, call 3 is the save after step 10
 ])
 def test_an_engine_fault_stops_the_run_with_everything_written_intact(tmp_path, tokenizer, call, at, done,
                                                                      checkpoint):
@@ -238,7 +238,8 @@ def test_an_engine_fault_stops_the_run_with_everything_written_intact(tmp_path, 
     records = [json.loads(line) for line in (run / "trajectory.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(int(done.split()[0])))
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["config.json", "metrics.jsonl", "trajectory.jsonl"] + (["checkpoint"] if checkpoint is not None else []))
+        ["config.json", "metrics.jsonl", "trajectory.jsonl", "engine.log", "best"]
+        + (["checkpoint"] if checkpoint is not None else []))
     if checkpoint is not None:
         assert load_checkpoint(run)[1] == checkpoint
 
@@ -269,7 +270,7 @@ def test_the_cli_reports_an_engine_fault_in_one_line(tmp_path, tokenizer, monkey
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
-    assert [line for line in result.stderr.splitlines() if "engine" in line] == [
+    assert [line for line in result.stderr.splitlines() if line.startswith(("stopped:", "error:"))] == [
         f"stopped: the engine failed after 12 steps (score: RuntimeError: engine died); the last checkpoint "
         f"(step 10) is intact; continue with: mezo-vllm tune --resume {run}"]
 

