@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 import mezo_vllm.engine
 import mezo_vllm.trainer
+from mezo_vllm import patches
 from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes
 from mezo_vllm.cli import main
 from mezo_vllm.config import LORA_RANKS, ConfigError, TuneConfig, vllm_lora_rank
@@ -395,3 +396,81 @@ def test_config_types_are_checked_when_built_by_hand():
     with pytest.raises(ConfigError, match=r"^--rank must be int, got bool True$"):
         TuneConfig(out="x", task="sst2", rank=True).validate()
     assert TuneConfig.from_json(TuneConfig(out="x", task="sst2").to_json()) == TuneConfig(out="x", task="sst2")
+
+
+# --------------------------------------------------------------------------- the installed vLLM
+
+@pytest.mark.parametrize("installed, fragment", [
+    ("0.33.0", "vLLM 0.33.0 is installed, but mezo-vllm's patches were written for vLLM 0.32.0"),
+    ("0.32.1", "vLLM 0.32.1 is installed"),
+    ("0.31.2+cpu", "vLLM 0.31.2+cpu is installed"),
+    (None, "vLLM is not installed"),
+])
+def test_another_vllm_is_refused_before_anything_is_written(tmp_path, model, data, engines, monkeypatch,
+                                                           installed, fragment):
+    monkeypatch.setattr(patches, "installed_vllm", lambda: installed)
+    _refused(_tune("--out", tmp_path / "run", "--data", data, "--model", model), fragment, started=engines)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("installed", ["0.32.0", "0.32.0+cpu", "0.32.0+cu130"])
+def test_builds_of_vllm_0_32_pass(tmp_path, model, data, engines, monkeypatch, installed):
+    monkeypatch.setattr(patches, "installed_vllm", lambda: installed)
+    result = _tune("--out", tmp_path / "run", "--data", data, "--model", model)
+    assert isinstance(result.exception, EngineStarted), result.output
+
+
+# --------------------------------------------------------------------------- --init-adapter
+
+def _adapter(folder: Path, model: Path, spec: LoraSpec = LoraSpec(), config: dict | None = None) -> Path:
+    """A PEFT adapter of the fake model, B random, with adapter_config.json fields changed."""
+    adapter = LoraAdapter.init(spec, model_linear_shapes(model), seed=1)
+    for key, t in adapter.tensors.items():
+        if "lora_B" in key:
+            t.normal_(generator=torch.Generator().manual_seed(2))
+    adapter.save(folder, str(model))
+    if config:
+        saved = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**saved, **config}))
+    return folder
+
+
+def test_init_adapter_is_the_runs_start(tmp_path, model, data, engines):
+    """α is folded into B: the adapter starts by computing what it computed with its own α."""
+    folder = _adapter(tmp_path / "init", model, LoraSpec(alpha=32.0))
+    result = _tune("--out", tmp_path / "run", "--data", data, "--model", model, "--init-adapter", folder)
+    assert isinstance(result.exception, EngineStarted), result.output
+    started, saved = engines[0][1], LoraAdapter.load(folder)
+    assert started.spec == LoraSpec()  # the run's α and rank
+    for key, t in saved.tensors.items():
+        assert torch.equal(started.tensors[key], t * 2 if "lora_B" in key else t), key
+
+
+@pytest.mark.parametrize("spec, config, fragment", [
+    (LoraSpec(r=16), None, "rank 16, the run's --rank is 8"),
+    (LoraSpec(targets=("q_proj",)), None,
+     "no base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight (the run's --targets q_proj,v_proj; "
+     "its target_modules: q_proj)"),
+    (LoraSpec(targets=("q_proj", "k_proj", "v_proj")), None,
+     "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight is not a LoRA matrix of the run's "
+     "--targets q_proj,v_proj"),
+    (LoraSpec(), {"use_dora": True}, "a DoRA adapter (use_dora): only plain LoRA can be tuned"),
+    (LoraSpec(), {"r": "eight"}, "adapter_config.json: not a PEFT LoRA config"),
+])
+def test_init_adapter_of_another_shape_is_refused(tmp_path, model, data, engines, spec, config, fragment):
+    folder = _adapter(tmp_path / "init", model, spec, config)
+    result = _tune("--out", tmp_path / "run", "--data", data, "--model", model, "--init-adapter", folder)
+    _refused(result, f"error: {folder}", fragment, started=engines)
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_adapter_of_another_model_or_missing(tmp_path, model, data, engines):
+    wider = _fake_model(tmp_path / "wider")
+    save_file({f"model.layers.{i}.self_attn.{m}.weight": torch.zeros(8, 32)
+               for i in range(2) for m in ("q_proj", "v_proj")}, str(wider / "model.safetensors"))
+    folder = _adapter(tmp_path / "init", wider)
+    _refused(_tune("--out", tmp_path / "run", "--data", data, "--model", model, "--init-adapter", folder),
+             "self_attn.q_proj.lora_A.weight has shape [8, 32], the model needs [8, 16] (another base model?)",
+             started=engines)
+    _refused(_tune("--out", tmp_path / "run", "--data", data, "--model", model, "--init-adapter", tmp_path / "nope"),
+             f"{tmp_path / 'nope'}: no adapter_config.json", started=engines)
