@@ -162,8 +162,10 @@ def prune_numbered(run: Path, keep: int, after: int | None = None) -> None:
     current = [s for s in steps if after is None or s <= after]
     kept = set(current[-keep:]) if keep else set()
     for step, path in steps.items():
-        if step not in kept:
-            shutil.rmtree(path)
+        if step not in kept:  # renamed first, so a kill mid-removal leaves no half checkpoint-STEP/
+            trash = run / f".{path.name}-old"
+            os.replace(path, trash)
+            shutil.rmtree(trash)
 
 
 def load_checkpoint(run: Path) -> tuple[LoraAdapter, int] | None:

@@ -50,3 +50,17 @@ def test_only_our_lines_reach_the_terminal_unless_verbose(tmp_path, verbose):
     assert log.exists() != verbose
     if not verbose:
         assert "our line" not in log.read_text() and "after the run" not in log.read_text()
+
+
+def test_the_cli_passes_verbose_to_the_run(tmp_path, monkeypatch):
+    import mezo_vllm.trainer
+    from click.testing import CliRunner
+
+    from mezo_vllm.cli import main
+
+    seen: list[dict] = []
+    monkeypatch.setattr(mezo_vllm.trainer, "tune", lambda cfg, **kwargs: seen.append(kwargs))
+    for extra in (["--verbose"], []):
+        result = CliRunner().invoke(main, ["tune", "--task", "sst2", "--out", str(tmp_path / "run"), *extra])
+        assert result.exit_code == 0, result.output
+    assert [kwargs["verbose"] for kwargs in seen] == [True, False]

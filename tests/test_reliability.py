@@ -422,6 +422,21 @@ def test_cli_ctrl_c_then_sigkill_then_resume_equals_an_uninterrupted_run(tmp_pat
         (whole / "adapter/adapter_model.safetensors").read_bytes()
     assert any(v.abs().max() > 0 for k, v in LoraAdapter.load(run / "adapter").tensors.items() if "lora_B" in k)
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    assert (run / "best/adapter_model.safetensors").read_bytes() == (whole / "best/adapter_model.safetensors").read_bytes()
+    assert _summary(run) == _summary(whole)
+    # a quiet terminal: our lines only (the engine starting, ready, the step-0 dev metric before
+    # the first bar), vLLM's in engine.log
+    first, last = (tmp_path / "1.log").read_text(), (tmp_path / "3.log").read_text()
+    assert len(first[:first.index("MeZO:")].splitlines()) == 3, first[:3000]
+    assert "WARNING" not in first + last, (first + last)[:3000]
+    assert "done: 16 steps in" in last and f"best adapter: {run.absolute() / 'best'}" in last
+    assert "WARNING" in (run / "engine.log").read_text()
+
+
+def _summary(run: Path) -> dict:
+    """summary.json without its time, paths spelled relative to the run."""
+    text = (run / "summary.json").read_text().replace(str(run.absolute()), "RUN")
+    return {k: v for k, v in json.loads(text).items() if k != "wall_s"}
 
 
 # --------------------------------------------------------------------------- safe loading
