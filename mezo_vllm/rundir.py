@@ -32,8 +32,12 @@ LOCK = ".lock"
 
 
 def disk_full(error: BaseException) -> bool:
-    """No space (or quota) left: what a save or a log append may hit that no retry fixes."""
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    """No space (or quota) left: what a save or a log append may hit that no retry fixes.
+    safetensors names the OS error only in its message ("... No space left on device (os error 28)")."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, SafetensorError) and any(f"(os error {n})" in str(error)
+                                                      for n in (errno.ENOSPC, errno.EDQUOT))
 
 
 def fsync(path: Path) -> None:

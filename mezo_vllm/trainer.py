@@ -387,10 +387,11 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
         try:
             stack.enter_context(console.quiet(run / "engine.log", verbose))
             summary = _run(p, resume, overwrite, engine, verbose, started)
-        except OSError as e:
+        except (OSError, SafetensorError) as e:
             if not rundir.disk_full(e):
                 raise
-            raise DiskFull(f"no space left on the device of {run} ({e.filename or e.strerror}); {_kept(run)}; "
+            writing = f" (writing {e.filename})" if getattr(e, "filename", None) else ""
+            raise DiskFull(f"no space left on the device of {run}{writing}; {_kept(run)}; "
                            f"free some space, then continue with: mezo-vllm tune --resume {run}") from e
     return summary
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from safetensors import SafetensorError
 
 import mezo_vllm.adapter
 import mezo_vllm.trainer
@@ -108,7 +109,7 @@ def test_a_full_disk_during_a_log_append(tmp_path, tokenizer, stand_in, monkeypa
 
     monkeypatch.setattr(rundir, "append_jsonl", full_at_step_12)
     assert _tune("--out", run, *ARGS) == (1, [
-        f"stopped: no space left on the device of {run} ({run}/trajectory.jsonl); the last checkpoint (step 10) "
+        f"stopped: no space left on the device of {run} (writing {run}/trajectory.jsonl); the last checkpoint (step 10) "
         f"is intact; free some space, then continue with: mezo-vllm tune --resume {run}"])
     assert rundir.load_checkpoint(run)[1] == 10
     monkeypatch.setattr(rundir, "append_jsonl", append)
@@ -117,7 +118,8 @@ def test_a_full_disk_during_a_log_append(tmp_path, tokenizer, stand_in, monkeypa
 
 
 def test_a_full_disk_during_a_save(tmp_path, tokenizer, stand_in, monkeypatch):
-    """The save of step 10's checkpoint runs out of space halfway through its safetensors file."""
+    """The save of step 10's checkpoint runs out of space halfway through its safetensors file
+    (safetensors then raises its own error, which names the OS error in its message)."""
     tune(_cfg(tmp_path, "whole"), engine=StandInEngine(tokenizer))
     run, save_file, checkpoint_files = tmp_path / "run", mezo_vllm.adapter.save_file, []
 
@@ -126,13 +128,13 @@ def test_a_full_disk_during_a_save(tmp_path, tokenizer, stand_in, monkeypatch):
             checkpoint_files.append(filename)
             if len(checkpoint_files) == 3:  # step 5: adapter and best; step 10: adapter
                 Path(filename).write_bytes(b"\0" * 1000)
-                raise _no_space(Path(filename))
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         save_file(tensors, filename)
 
     monkeypatch.setattr(mezo_vllm.adapter, "save_file", full_at_the_third)
     code, verdict = _tune("--out", run, *ARGS)
     assert (code, verdict) == (1, [
-        f"stopped: no space left on the device of {run} ({checkpoint_files[-1]}); the last checkpoint (step 5) "
+        f"stopped: no space left on the device of {run}; the last checkpoint (step 5) "
         f"is intact; free some space, then continue with: mezo-vllm tune --resume {run}"])
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # the half-written save is gone
     assert rundir.load_checkpoint(run)[1] == 5
