@@ -81,11 +81,15 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60}h{minutes % 60:02d}m{s:02d}s" if minutes >= 60 else f"{minutes}m{s:02d}s"
 
 
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def format_summary(summary: dict, run: Path) -> list[str]:
     """The lines a run ends with."""
     name = summary["metric"]
-    dev = (f"dev {name} {summary['initial_metric']:.4f} → {summary['final_metric']:.4f}, best "
-           f"{summary['best_metric']:.4f} at step {summary['best_step']}" if name else "no dev data, so no best/")
+    dev = (f"dev {name} {_figure(summary['initial_metric'])} → {_figure(summary['final_metric'])}, best "
+           f"{_figure(summary['best_metric'])} at step {summary['best_step']}" if name else "no dev data, so no best/")
     lines = [f"done: {summary['steps']} steps in {_duration(summary['wall_s'])}; {dev}",
              f"adapter:      {summary['adapter']}"]
     if summary["best_adapter"]:
