@@ -203,7 +203,10 @@ def locked(run: Path) -> Iterator[None]:
     A second writer is refused at once (ConfigError naming the pid)."""
     path = run / LOCK
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"{run}: cannot write its lock file {LOCK} ({e.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
