@@ -474,3 +474,13 @@ def test_init_adapter_of_another_model_or_missing(tmp_path, model, data, engines
              started=engines)
     _refused(_tune("--out", tmp_path / "run", "--data", data, "--model", model, "--init-adapter", tmp_path / "nope"),
              f"{tmp_path / 'nope'}: no adapter_config.json", started=engines)
+
+
+def test_report_to_tensorboard_needs_the_package(tmp_path, model, data, engines, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    _refused(_tune("--out", tmp_path / "run", "--data", data, "--model", model, "--report-to", "tensorboard"),
+             "--report-to tensorboard needs TensorBoard: pip install 'mezo-vllm[tensorboard]'", started=engines)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    result = _tune("--out", tmp_path / "run", "--data", data, "--model", model, "--report_to", "tensorboard")
+    assert isinstance(result.exception, EngineStarted), result.output
