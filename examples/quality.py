@@ -304,8 +304,12 @@ def table() -> str:
 
 
 def _metrics(run: Path) -> list[dict[str, Any]]:
+    """The dev lines of a run's metrics.jsonl (the train lines are the others)."""
+    from mezo_vllm.outputs import dev_lines
+
     path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return dev_lines(lines)
 
 
 def plot_sst2_curves(dest: Path) -> None:

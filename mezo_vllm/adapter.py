@@ -199,6 +199,8 @@ class LoraAdapter:
         }
         (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(folder / ADAPTER_WEIGHTS))
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):  # safetensors writes 0600: a server run
+            (folder / name).chmod(0o644)  # by another user must read the adapter
 
     @classmethod
     def load(cls, folder: str | Path) -> "LoraAdapter":
@@ -222,3 +224,39 @@ class LoraAdapter:
             raise AdapterError(f"{config_path}: not a PEFT LoRA config ({e})") from e
         tensors = {k: v.float() for k, v in load_file(str(weights_path)).items()}
         return cls(spec, tensors)
+
+
+def expected_shapes(spec: LoraSpec, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """PEFT name → shape of every LoRA matrix an adapter of `spec` has on a model of `shapes`."""
+    out: dict[str, tuple[int, int]] = {}
+    for module in sorted(m for m in shapes if m.rsplit(".", 1)[-1] in spec.targets):
+        out_f, in_f = shapes[module]
+        out[peft_key(module, "A")], out[peft_key(module, "B")] = (spec.r, in_f), (out_f, spec.r)
+    return out
+
+
+def init_from(folder: str | Path, spec: LoraSpec, shapes: dict[str, tuple[int, int]]) -> LoraAdapter:
+    """An existing PEFT LoRA adapter as a run's starting point, refused unless it has exactly
+    the run's matrices (targets, rank, the model's shapes). Its scale (α/r, rsLoRA's α/√r) is
+    folded into B for the run's α, so it starts by computing what it computed before."""
+    loaded = LoraAdapter.load(folder)
+    config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
+    if config.get("use_dora"):
+        raise AdapterError(f"{folder}: a DoRA adapter (use_dora): only plain LoRA can be tuned")
+    if loaded.spec.r != spec.r:
+        raise AdapterError(f"{folder}: rank {loaded.spec.r}, the run's --rank is {spec.r}")
+    want = expected_shapes(spec, shapes)
+    missing = sorted(set(want) - set(loaded.tensors))
+    if missing:
+        raise AdapterError(f"{folder}: no {missing[0]} (the run's --targets {','.join(spec.targets)}; "
+                           f"its target_modules: {','.join(loaded.spec.targets)})")
+    extra = sorted(set(loaded.tensors) - set(want))
+    if extra:
+        raise AdapterError(f"{folder}: {extra[0]} is not a LoRA matrix of the run's --targets {','.join(spec.targets)}")
+    for key, shape in want.items():
+        if tuple(loaded.tensors[key].shape) != shape:
+            raise AdapterError(f"{folder}: {key} has shape {list(loaded.tensors[key].shape)}, the model needs "
+                               f"{list(shape)} (another base model?)")
+    scale = loaded.spec.alpha / (math.sqrt(spec.r) if config.get("use_rslora") else spec.r)
+    factor = scale / spec.scaling
+    return LoraAdapter(spec, {k: v * factor if ".lora_B." in k else v for k, v in loaded.tensors.items()})

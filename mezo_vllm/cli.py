@@ -18,7 +18,7 @@ import click
 
 from . import __version__
 from .config import DTYPES, ConfigError, TuneConfig
-from .errors import USER_ERRORS
+from .errors import USER_ERRORS, EngineStartError
 from .options import given_settings, settings_options
 from .recipe import read_recipe, read_saved_config
 from .trainer import TrainingStopped
@@ -26,7 +26,8 @@ from .validate import ValidateConfig
 
 
 def _one_line_errors(fn: Callable) -> Callable:
-    """Bad input ends in one line naming what is wrong and exit code 2, never a traceback."""
+    """Bad input ends in one line naming what is wrong and exit code 2, never a traceback; an
+    engine that does not start, or a run that stops, in one line and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -35,6 +36,9 @@ def _one_line_errors(fn: Callable) -> Callable:
         except USER_ERRORS as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except EngineStartError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
         except TrainingStopped as e:
             click.echo(f"stopped: {e}", err=True)
             sys.exit(1)
@@ -53,10 +57,12 @@ def main() -> None:
               help="recipe file (YAML or JSON) with the keys of a run's config.json; flags given here override it")
 @click.option("--resume", "resume_dir", type=click.Path(), help="continue the run in this folder")
 @click.option("--overwrite", is_flag=True, help="replace an existing --out run folder")
+@click.option("--verbose", is_flag=True, help="show vLLM's and torch's logs and warnings (default: in RUN/engine.log)")
 @settings_options(TuneConfig)
 @_one_line_errors
-def tune(recipe: str | None, resume_dir: str | None, overwrite: bool, **values: Any) -> None:
-    """Train a LoRA adapter with MeZO; writes a run folder with a PEFT adapter."""
+def tune(recipe: str | None, resume_dir: str | None, overwrite: bool, verbose: bool, **values: Any) -> None:
+    """Train a LoRA adapter with MeZO; writes a run folder with a PEFT adapter (the final one in
+    RUN/adapter, the best on the dev data in RUN/best) and ends with a summary."""
     from .trainer import tune as run_tune
 
     given = {**(read_recipe(recipe) if recipe else {}), **given_settings(TuneConfig, values)}
@@ -68,12 +74,7 @@ def tune(recipe: str | None, resume_dir: str | None, overwrite: bool, **values: 
         if not given.get("out"):
             raise ConfigError("--out is required (or --resume RUN_DIR)")
         cfg = TuneConfig(**given)
-    summary = run_tune(cfg, resume=bool(resume_dir), overwrite=overwrite)
-    click.echo(f"adapter: {summary['run']}/adapter")
-    if summary["before"] and summary["after"]:
-        for key in summary["after"]:
-            if key not in ("step", "skipped_steps", "wall_s"):
-                click.echo(f"dev {key}: {summary['before'][key]:.4f} before, {summary['after'][key]:.4f} after")
+    run_tune(cfg, resume=bool(resume_dir), overwrite=overwrite, verbose=verbose)
 
 
 @main.command("eval")

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from .estimator import ESTIMATORS, SCHEDULES
 # ConfigError is defined with the settings machinery; the package imports it from here.
 from .settings import (ConfigError, OnResume, above, at_least, check_settings, finite, flag_of, in_half_open,
-                       kind, not_empty, one_of, setting, setting_of, typed_values)
+                       kind, not_empty, setting, setting_of, typed_values)
 
 # The engine's dtypes (`bench` measures each). The master adapter is always fp32. A choice that
 # resolves to one of these (say "auto") goes into the `dtype` setting's choices below, not here.
@@ -27,9 +27,12 @@ OVERFLOW = ("truncate", "reject")
 OBJECTIVES = ("loss", "f1")
 # vllm: the product; reference: transformers + PEFT, same seeds and scoring (the oracle, slow)
 ENGINES = ("vllm", "reference")
-# The engine starts vLLM with max_lora_rank = --rank, and vLLM 0.32 accepts only these
-# (`MaxLoRARanks` in vllm/config/lora.py); anything else fails deep inside engine start-up.
+# vLLM 0.32 sizes its LoRA slots by max_lora_rank, which must be one of these (`MaxLoRARanks`
+# in vllm/config/lora.py). Any adapter rank up to the largest works: the engine starts vLLM with
+# the next one up (`vllm_lora_rank`) and the adapter fills the first r rows of each slot.
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# --report-to: none, or TensorBoard event files in RUN/tensorboard/ (the extra mezo-vllm[tensorboard])
+REPORT_TO = ("none", "tensorboard")
 _TRUST = "let the model folder run its own Python code (HF auto_map); off by default"
 
 
@@ -39,6 +42,15 @@ def _same_model(a: str | None, b: str | None) -> bool:
 
     a, b = a or DEFAULT_MODEL, b or DEFAULT_MODEL
     return a == b or Path(a).resolve() == Path(b).resolve()
+
+
+def vllm_lora_rank(r: int) -> int:
+    """The max_lora_rank vLLM is started with for an adapter of rank r (the adapter keeps r)."""
+    return next(rank for rank in LORA_RANKS if rank >= r)
+
+
+def _vllm_rank(r: int) -> str | None:
+    return None if r <= LORA_RANKS[-1] else f"must be ≤ {LORA_RANKS[-1]} (the largest LoRA rank vLLM supports), got {r}"
 
 
 def _not_blank(v: str) -> str | None:
@@ -54,7 +66,7 @@ class ModelSettings:
     targets: tuple[str, ...] = setting(("q_proj", "v_proj"), "LoRA target modules, comma-separated, or all-linear",
                                        aliases=("--lora_target_modules",), checks=(not_empty,))
     rank: int = setting(8, "LoRA rank r", aliases=("--lora_r",),
-                        checks=(above(0), one_of(LORA_RANKS, "the LoRA ranks vLLM supports")))
+                        checks=(above(0), _vllm_rank))
     alpha: float = setting(16.0, "LoRA α (the adapter's output is scaled by α/r)", aliases=("--lora_alpha",),
                            checks=(above(0), finite))
     max_length: int = setting(1024, "most tokens of an example (prompt and target)", checks=(above(0),))
@@ -71,6 +83,8 @@ class TuneConfig(ModelSettings):
     out: str = setting(help="run folder", path=True, aliases=("--output_dir",))
     task: str | None = setting(None, "built-in task (see `mezo-vllm tasks`)")
     data: str | None = setting(None, "training data: JSONL or CSV", path=True)
+    init_adapter: str | None = setting(None, "start from this PEFT LoRA adapter folder (of --rank and --targets) "
+                                       "instead of PEFT's initialisation", path=True)
     eval_data: str | None = setting(None, "dev data for --data", path=True)
     lr: float = setting(2e-3, "learning rate (its peak under --lr-schedule)", aliases=("--learning_rate",),
                         checks=(above(0), finite))
@@ -99,6 +113,12 @@ class TuneConfig(ModelSettings):
                          "kernels take 16-bit only); the master adapter is always fp32", choices=(*DTYPES, "auto"))
     eval_every: int = setting(100, "steps between dev evaluations (0 = only before and after)", checks=(at_least(0),))
     save_every: int = setting(100, "steps between checkpoints (0 = only at the end)", checks=(at_least(0),))
+    save_total_limit: int = setting(0, "also keep the last N checkpoints as RUN/checkpoint-STEP/ (0: only "
+                                    "RUN/checkpoint/, the latest)", aliases=("--save_total_limit",),
+                                    checks=(at_least(0),), on_resume=OnResume.MAY_CHANGE)
+    report_to: str = setting("none", "also log train loss, lr, |g| and dev metrics to TensorBoard "
+                             "(RUN/tensorboard/)", choices=REPORT_TO, aliases=("--report_to",),
+                             on_resume=OnResume.MAY_CHANGE)
     overflow: str = setting("truncate", "examples longer than --max-length: cut the context from the left, "
                             "or drop them", choices=OVERFLOW)
     eval_examples: int = setting(0, "dev examples per evaluation (0 = all)", checks=(at_least(0),))
@@ -129,6 +149,8 @@ class TuneConfig(ModelSettings):
             raise ConfigError("--replicas, --ray-address and --tensor/--pipeline-parallel-size go with --engine vllm")
         if (self.replicas > 1 or self.ray_address is not None) and importlib.util.find_spec("ray") is None:
             raise ConfigError("--replicas/--ray-address need Ray: pip install 'mezo-vllm[ray]'")
+        if self.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--report-to tensorboard needs TensorBoard: pip install 'mezo-vllm[tensorboard]'")
         if (self.task is None) == (self.data is None):
             raise ConfigError("give exactly one of --task NAME or --data FILE")
         if self.task is not None and self.eval_data is not None:

@@ -25,8 +25,9 @@ from . import patches as _patches
 from .patches import compiled_lora
 from .patches import plugin as _plugin
 from .adapter import Direction, LoraAdapter, Update
-from .config import ConfigError
+from .config import ConfigError, vllm_lora_rank
 from .data import Request
+from .errors import EngineStartError
 from .worker import DISK_ADAPTER_ID, QUALNAME
 
 _BASE = None  # variant index meaning "the base model, no adapter"
@@ -121,6 +122,11 @@ def _refusal(error: Exception) -> str:
     return line.removeprefix("Value error, ").split(" [type=")[0]
 
 
+def _start_failure(error: Exception) -> str:
+    """One line for an exception out of vLLM's start-up: its type and the line that says why."""
+    return f"{type(error).__name__}: {_refusal(error)[:300]}" if str(error).strip() else type(error).__name__
+
+
 class VllmEngine:
     """One vLLM `LLM`, `n_variants` LoRA slots, and the master adapter on its workers.
 
@@ -130,12 +136,23 @@ class VllmEngine:
     """
 
     def __init__(self, config: EngineConfig, adapter: LoraAdapter):
-        from .platform_policy import expected_runner, runner_is_v2
-
+        """vLLM started with one slot per variant holding `adapter`. Whatever vLLM raises on the
+        way (a model it cannot load, too little memory, a worker that died) is an
+        EngineStartError naming the cause in one line."""
         _patches.apply_all(_patches.for_engine("all" if config.fast else "required"))
+        self.config = config
+        try:
+            self._start(config, adapter)
+        except (ConfigError, _patches.PatchVersionError):
+            raise
+        except Exception as e:
+            raise EngineStartError(f"vLLM failed to start on {config.model} ({_start_failure(e)})") from e
+
+    def _start(self, config: EngineConfig, adapter: LoraAdapter) -> None:
         from vllm import LLM, SamplingParams
 
-        self.config = config
+        from .platform_policy import expected_runner, runner_is_v2
+
         parallel = config.tensor_parallel_size * config.pipeline_parallel_size > 1
         try:
             with _environment(_worker_env(config)):
@@ -148,7 +165,7 @@ class VllmEngine:
                     enable_lora=True,
                     max_loras=config.n_variants + 1,  # + one slot for adapters read from disk
                     max_cpu_loras=config.n_variants + 1,
-                    max_lora_rank=adapter.spec.r,
+                    max_lora_rank=vllm_lora_rank(adapter.spec.r),  # the adapter fills [:r] of a slot
                     # only the adapter's modules get LoRA layers: vLLM otherwise wraps every
                     # linear layer, the embeddings and the lm_head, and runs LoRA ops on zeros
                     lora_target_modules=list(adapter.spec.targets),

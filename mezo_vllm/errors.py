@@ -1,5 +1,9 @@
-"""The exceptions that mean the user's input is wrong: each command shows one line and exits
-with code 2 (no traceback). The CLI and the benchmark's child processes both use this list."""
+"""The exceptions that end a command in one line instead of a traceback.
+
+USER_ERRORS mean the user's input (or install) is wrong: one line, exit code 2, before anything
+is written. The CLI and the benchmark's child processes both use this list. `EngineStartError`
+means vLLM refused to start on valid settings (exit code 1): its own log says more.
+"""
 
 from __future__ import annotations
 
@@ -7,5 +11,11 @@ from .adapter import AdapterError
 from .config import ConfigError
 from .data import DataError
 from .model import ModelError
+from .patches import PatchVersionError
 
-USER_ERRORS = (ConfigError, DataError, AdapterError, ModelError)
+
+class EngineStartError(RuntimeError):
+    """vLLM raised while starting (loading the model, sizing the KV cache, a worker died)."""
+
+
+USER_ERRORS = (ConfigError, DataError, AdapterError, ModelError, PatchVersionError)

@@ -9,7 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import numpy as np
+
+from .outputs import dev_lines, is_train_line, key_metric
 
 
 def _records(path: Path) -> list[dict]:
@@ -19,23 +20,26 @@ def _records(path: Path) -> list[dict]:
 
 
 def plot_curves(run: Path) -> Path:
-    """`curves.png`: training loss (raw and smoothed) and the dev metric, over steps."""
-    steps = _records(run / "trajectory.jsonl")
-    metrics = _records(run / "metrics.jsonl")
+    """`curves.png`: the train loss (each step's, and its moving average) and the dev metric
+    (the best point marked), over steps, from metrics.jsonl."""
+    records = _records(run / "metrics.jsonl")
+    train = [r for r in records if is_train_line(r) and r["train_loss"] is not None]
+    dev = dev_lines(records)
     fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
-    if steps:
-        x = np.array([r["step"] for r in steps])
-        y = np.array([(r["loss_plus"] + r["loss_minus"]) / 2 for r in steps])
-        ax_loss.plot(x, y, alpha=0.3, label="batch loss (mean of ±ε)")
-        window = max(1, len(y) // 20)
-        if window > 1:
-            smooth = np.convolve(y, np.ones(window) / window, mode="valid")
-            ax_loss.plot(x[window - 1 :], smooth, label=f"moving average ({window} steps)")
+    if train:
+        steps = [r["step"] for r in train]
+        ax_loss.plot(steps, [r["train_loss"] for r in train], alpha=0.3, label="batch loss (mean of ±ε)")
+        ax_loss.plot(steps, [r["train_loss_ema"] for r in train], label="moving average")
         ax_loss.legend()
     ax_loss.set(title="training loss", xlabel="step", ylabel="loss")
-    if metrics:
-        key = "accuracy" if "accuracy" in metrics[0] else "nll"
-        ax_dev.plot([m["step"] for m in metrics], [m[key] for m in metrics], marker="o")
+    if dev:
+        key, higher = key_metric(dev[0])
+        values = [m[key] for m in dev]
+        ax_dev.plot([m["step"] for m in dev], values, marker="o")
+        best = values.index(max(values) if higher else min(values))
+        ax_dev.plot([dev[best]["step"]], [values[best]], marker="*", markersize=14, linestyle="",
+                    label=f"best: {values[best]:.4f} at step {dev[best]['step']} (best/)")
+        ax_dev.legend()
         ax_dev.set(ylabel=f"dev {key}")
     ax_dev.set(title="dev metric", xlabel="step")
     fig.tight_layout()

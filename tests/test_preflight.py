@@ -20,9 +20,10 @@ from safetensors.torch import save_file
 
 import mezo_vllm.engine
 import mezo_vllm.trainer
+from mezo_vllm import patches
 from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes
 from mezo_vllm.cli import main
-from mezo_vllm.config import LORA_RANKS, ConfigError, TuneConfig
+from mezo_vllm.config import LORA_RANKS, ConfigError, TuneConfig, vllm_lora_rank
 from mezo_vllm.model import ModelError, resolve_model
 from mezo_vllm.rundir import save_checkpoint
 
@@ -110,9 +111,7 @@ def test_a_good_config_gets_to_the_engine(tmp_path, model, data, engines):
     (["--max-length", "0"], ["--max-length must be > 0"]),
     (["--eval-every", "-1"], ["--eval-every must be ≥ 0"]),
     (["--rank", "0"], ["--rank must be > 0"]),
-    (["--rank", "4"], ["--rank must be one of 1, 8, 16, 32, 64, 128, 256, 320, 512", "got 4"]),
-    (["--rank", "12"], ["--rank must be one of", "got 12"]),
-    (["--rank", "1024"], ["--rank must be one of", "got 1024"]),
+    (["--rank", "513"], ["--rank must be ≤ 512 (the largest LoRA rank vLLM supports), got 513"]),
     (["--targets", "q_proj,gate_proj"], ["target modules ['gate_proj'] not in the model", "q_proj, v_proj"]),
     (["--targets", " , "], ["--targets is empty"]),
     (["--task", "sst2"], ["exactly one of --task NAME or --data FILE"]),
@@ -123,10 +122,14 @@ def test_bad_settings(tmp_path, model, data, engines, args, fragments):
     assert not (tmp_path / "run").exists()
 
 
-def test_every_rank_vllm_allows_passes(tmp_path, model, data, engines):
-    for rank in LORA_RANKS:
+def test_any_rank_up_to_vllms_largest_passes(tmp_path, model, data, engines):
+    """The adapter keeps the rank asked for; the engine rounds vLLM's max_lora_rank up."""
+    for rank in (1, 4, 12, 320, 512):
         result = _tune("--out", tmp_path / f"run{rank}", "--data", data, "--model", model, "--rank", rank)
         assert isinstance(result.exception, EngineStarted), (rank, result.output)
+        assert engines[-1][1].spec.r == rank
+    assert [vllm_lora_rank(r) for r in (1, 2, 8, 9, 12, 16, 17, 300, 320, 321, 512)] == \
+        [1, 8, 8, 16, 16, 16, 32, 320, 320, 512, 512]
 
 
 def test_lora_ranks_are_vllms():
@@ -239,8 +242,8 @@ def test_overwrite_keeps_the_old_run_when_preflight_fails(tmp_path, model, data,
     run = tmp_path / "run"
     run.mkdir()
     (run / "trajectory.jsonl").write_text("precious\n")
-    _refused(_tune("--out", run, "--data", data, "--model", model, "--overwrite", "--rank", "3"),
-             "--rank must be one of", started=engines)
+    _refused(_tune("--out", run, "--data", data, "--model", model, "--overwrite", "--rank", "1000"),
+             "--rank must be ≤ 512", started=engines)
     _refused(_tune("--out", run, "--data", tmp_path / "nope.jsonl", "--model", model, "--overwrite"),
              "nope.jsonl: file: cannot read", started=engines)
     assert (run / "trajectory.jsonl").read_text() == "precious\n"
@@ -393,3 +396,91 @@ def test_config_types_are_checked_when_built_by_hand():
     with pytest.raises(ConfigError, match=r"^--rank must be int, got bool True$"):
         TuneConfig(out="x", task="sst2", rank=True).validate()
     assert TuneConfig.from_json(TuneConfig(out="x", task="sst2").to_json()) == TuneConfig(out="x", task="sst2")
+
+
+# --------------------------------------------------------------------------- the installed vLLM
+
+@pytest.mark.parametrize("installed, fragment", [
+    ("0.33.0", "vLLM 0.33.0 is installed, but mezo-vllm's patches were written for vLLM 0.32.0"),
+    ("0.32.1", "vLLM 0.32.1 is installed"),
+    ("0.31.2+cpu", "vLLM 0.31.2+cpu is installed"),
+    (None, "vLLM is not installed"),
+])
+def test_another_vllm_is_refused_before_anything_is_written(tmp_path, model, data, engines, monkeypatch,
+                                                           installed, fragment):
+    monkeypatch.setattr(patches, "installed_vllm", lambda: installed)
+    _refused(_tune("--out", tmp_path / "run", "--data", data, "--model", model), fragment, started=engines)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("installed", ["0.32.0", "0.32.0+cpu", "0.32.0+cu130"])
+def test_builds_of_vllm_0_32_pass(tmp_path, model, data, engines, monkeypatch, installed):
+    monkeypatch.setattr(patches, "installed_vllm", lambda: installed)
+    result = _tune("--out", tmp_path / "run", "--data", data, "--model", model)
+    assert isinstance(result.exception, EngineStarted), result.output
+
+
+# --------------------------------------------------------------------------- --init-adapter
+
+def _adapter(folder: Path, model: Path, spec: LoraSpec = LoraSpec(), config: dict | None = None) -> Path:
+    """A PEFT adapter of the fake model, B random, with adapter_config.json fields changed."""
+    adapter = LoraAdapter.init(spec, model_linear_shapes(model), seed=1)
+    for key, t in adapter.tensors.items():
+        if "lora_B" in key:
+            t.normal_(generator=torch.Generator().manual_seed(2))
+    adapter.save(folder, str(model))
+    if config:
+        saved = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**saved, **config}))
+    return folder
+
+
+def test_init_adapter_is_the_runs_start(tmp_path, model, data, engines):
+    """α is folded into B: the adapter starts by computing what it computed with its own α."""
+    folder = _adapter(tmp_path / "init", model, LoraSpec(alpha=32.0))
+    result = _tune("--out", tmp_path / "run", "--data", data, "--model", model, "--init-adapter", folder)
+    assert isinstance(result.exception, EngineStarted), result.output
+    started, saved = engines[0][1], LoraAdapter.load(folder)
+    assert started.spec == LoraSpec()  # the run's α and rank
+    for key, t in saved.tensors.items():
+        assert torch.equal(started.tensors[key], t * 2 if "lora_B" in key else t), key
+
+
+@pytest.mark.parametrize("spec, config, fragment", [
+    (LoraSpec(r=16), None, "rank 16, the run's --rank is 8"),
+    (LoraSpec(targets=("q_proj",)), None,
+     "no base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight (the run's --targets q_proj,v_proj; "
+     "its target_modules: q_proj)"),
+    (LoraSpec(targets=("q_proj", "k_proj", "v_proj")), None,
+     "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight is not a LoRA matrix of the run's "
+     "--targets q_proj,v_proj"),
+    (LoraSpec(), {"use_dora": True}, "a DoRA adapter (use_dora): only plain LoRA can be tuned"),
+    (LoraSpec(), {"r": "eight"}, "adapter_config.json: not a PEFT LoRA config"),
+])
+def test_init_adapter_of_another_shape_is_refused(tmp_path, model, data, engines, spec, config, fragment):
+    folder = _adapter(tmp_path / "init", model, spec, config)
+    result = _tune("--out", tmp_path / "run", "--data", data, "--model", model, "--init-adapter", folder)
+    _refused(result, f"error: {folder}", fragment, started=engines)
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_adapter_of_another_model_or_missing(tmp_path, model, data, engines):
+    wider = _fake_model(tmp_path / "wider")
+    save_file({f"model.layers.{i}.self_attn.{m}.weight": torch.zeros(8, 32)
+               for i in range(2) for m in ("q_proj", "v_proj")}, str(wider / "model.safetensors"))
+    folder = _adapter(tmp_path / "init", wider)
+    _refused(_tune("--out", tmp_path / "run", "--data", data, "--model", model, "--init-adapter", folder),
+             "self_attn.q_proj.lora_A.weight has shape [8, 32], the model needs [8, 16] (another base model?)",
+             started=engines)
+    _refused(_tune("--out", tmp_path / "run", "--data", data, "--model", model, "--init-adapter", tmp_path / "nope"),
+             f"{tmp_path / 'nope'}: no adapter_config.json", started=engines)
+
+
+def test_report_to_tensorboard_needs_the_package(tmp_path, model, data, engines, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))
+    _refused(_tune("--out", tmp_path / "run", "--data", data, "--model", model, "--report-to", "tensorboard"),
+             "--report-to tensorboard needs TensorBoard: pip install 'mezo-vllm[tensorboard]'", started=engines)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    result = _tune("--out", tmp_path / "run", "--data", data, "--model", model, "--report_to", "tensorboard")
+    assert isinstance(result.exception, EngineStarted), result.output

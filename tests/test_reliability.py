@@ -180,7 +180,7 @@ def test_a_torn_last_log_line_is_dropped_on_resume(tmp_path, tokenizer, capsys):
     _tear(torn / "trajectory.jsonl", {"step": 13, "seed": 1, "g": 0.5})
     _tear(torn / "metrics.jsonl", {"step": 15, "accuracy": 0.5})
     tune(_cfg(tmp_path, "torn", eval_every=5), resume=True, engine=StandInEngine(tokenizer))
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err
     for log in ("trajectory.jsonl", "metrics.jsonl"):
         assert f"{torn / log}: dropped its torn last line (the run was killed while writing it)\n" in printed
     assert (torn / "trajectory.jsonl").read_text() == (tmp_path / "whole/trajectory.jsonl").read_text()
@@ -223,7 +223,7 @@ class FailingEngine(StandInEngine):
     ("score", 9, "7 steps", 5),  # call 1 is the dev evaluation, call 9 step 7
     ("write_variants", 3, "1 step", None),
     ("apply_update", 12, "11 steps", 10),
-    ("master", 2, "10 steps", 5),  # the save after step 10
+    ("master", 3, "10 steps", 5),  # call 1 keeps best/ at step 0, call 3 is the save after step 10
 ])
 def test_an_engine_fault_stops_the_run_with_everything_written_intact(tmp_path, tokenizer, call, at, done,
                                                                      checkpoint):
@@ -238,7 +238,8 @@ def test_an_engine_fault_stops_the_run_with_everything_written_intact(tmp_path, 
     records = [json.loads(line) for line in (run / "trajectory.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(int(done.split()[0])))
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["config.json", "metrics.jsonl", "trajectory.jsonl"] + (["checkpoint"] if checkpoint is not None else []))
+        ["config.json", "metrics.jsonl", "trajectory.jsonl", "engine.log", "best"]
+        + (["checkpoint"] if checkpoint is not None else []))
     if checkpoint is not None:
         assert load_checkpoint(run)[1] == checkpoint
 
@@ -269,7 +270,7 @@ def test_the_cli_reports_an_engine_fault_in_one_line(tmp_path, tokenizer, monkey
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
-    assert [line for line in result.stderr.splitlines() if "engine" in line] == [
+    assert [line for line in result.stderr.splitlines() if line.startswith(("stopped:", "error:"))] == [
         f"stopped: the engine failed after 12 steps (score: RuntimeError: engine died); the last checkpoint "
         f"(step 10) is intact; continue with: mezo-vllm tune --resume {run}"]
 
@@ -421,6 +422,21 @@ def test_cli_ctrl_c_then_sigkill_then_resume_equals_an_uninterrupted_run(tmp_pat
         (whole / "adapter/adapter_model.safetensors").read_bytes()
     assert any(v.abs().max() > 0 for k, v in LoraAdapter.load(run / "adapter").tensors.items() if "lora_B" in k)
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+    assert (run / "best/adapter_model.safetensors").read_bytes() == (whole / "best/adapter_model.safetensors").read_bytes()
+    assert _summary(run) == _summary(whole)
+    # a quiet terminal: our lines only (the engine starting, ready, the step-0 dev metric before
+    # the first bar), vLLM's in engine.log
+    first, last = (tmp_path / "1.log").read_text(), (tmp_path / "3.log").read_text()
+    assert len([line for line in first[:first.index("MeZO:")].splitlines() if line.strip()]) == 3, first[:3000]
+    assert "WARNING" not in first + last, (first + last)[:3000]
+    assert "done: 16 steps in" in last and f"best adapter: {run.absolute() / 'best'}" in last
+    assert "WARNING" in (run / "engine.log").read_text()
+
+
+def _summary(run: Path) -> dict:
+    """summary.json without its time, paths spelled relative to the run."""
+    text = (run / "summary.json").read_text().replace(str(run.absolute()), "RUN")
+    return {k: v for k, v in json.loads(text).items() if k != "wall_s"}
 
 
 # --------------------------------------------------------------------------- safe loading

