@@ -130,23 +130,24 @@ def _from_hub(repo_id: str) -> Path:
     from huggingface_hub.errors import CachedRepoTreeNotFoundError, LocalEntryNotFoundError
 
     try:
-        revision = _hub_revision(repo_id)
+        _ask_hub(repo_id)
     except ModelError as unreachable:
         try:
             return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
         except (LocalEntryNotFoundError, CachedRepoTreeNotFoundError):  # not cached, or not whole
             raise unreachable from None
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))  # "main", so the cache knows it offline
     except Exception as e:  # the connection broke, the disk filled, ...: one line either way
         raise ModelError(f"{repo_id}: the download failed ({type(e).__name__}: {e})".splitlines()[0]) from None
 
 
-def _hub_revision(repo_id: str) -> str:
-    """The commit of the model on the hub, or a ModelError saying in one line why the hub cannot
-    give it: HF_HUB_OFFLINE, no answer within HUB_TIMEOUT_S, no such model. Whatever the HTTP
-    client raises counts as "not reachable": its exception types differ between huggingface_hub
-    versions, and to the user they all mean the same."""
+def _ask_hub(repo_id: str) -> None:
+    """Ask the hub about the model, within HUB_TIMEOUT_S (huggingface_hub's own metadata requests
+    have no timeout: a silent hub would hang the download), or say in one line why it cannot:
+    HF_HUB_OFFLINE, no answer, no such model. Whatever the HTTP client raises counts as "not
+    reachable": its exception types differ between huggingface_hub versions, and to the user
+    they all mean the same."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HFValidationError, HfHubHTTPError
 
@@ -156,7 +157,7 @@ def _hub_revision(repo_id: str) -> str:
                          "hold it; download it where the hub is reachable and pass its folder")
     timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HUB_TIMEOUT_S)
     try:
-        return HfApi().model_info(repo_id, timeout=timeout).sha
+        HfApi().model_info(repo_id, timeout=timeout)
     except HFValidationError as e:
         raise ModelError(f"{repo_id}: no such folder, nor a valid hub id ({e})".splitlines()[0]) from None
     except HfHubHTTPError as e:

@@ -81,13 +81,22 @@ class _Notes:
 
     def say(self, form: str) -> None:
         if self.unknown:
-            known = {name for names in FIELDS.values() for name in names} | set(_MESSAGE_FIELDS)
-            hint = next((f" (did you mean {close[0]!r}?)" for name in self.unknown
-                         if (close := difflib.get_close_matches(name, known, n=1))), "")
-            warn(self.unknown_in[0], ", ".join(self.unknown), f"no field of {form} records "
-                 f"({', '.join(FIELDS[form])}): ignored{hint} ({len(self.unknown_in)} of {self.records} records)")
+            fields_ = ", ".join(FIELDS[form]) + (", each with role and content" if form == CHAT else "")
+            warn(self.unknown_in[0], ", ".join(self.unknown), f"no field of {form} records ({fields_}): "
+                 f"ignored{_did_you_mean(self.unknown)} ({len(self.unknown_in)} of {self.records} records)")
         for kind, (where, field_, what) in self.first.items():
             warn(where, field_, f"{what} ({self.count[kind]} of {self.records} records)")
+
+
+def _did_you_mean(unknown: Iterable[str]) -> str:
+    """The known field nearest to the first unknown one that is near any (`labels` → `label`)."""
+    record_fields = {name for names in FIELDS.values() for name in names}
+    for name in unknown:
+        bare = name.removeprefix("messages[].")
+        close = difflib.get_close_matches(bare, _MESSAGE_FIELDS if bare != name else record_fields, n=1)
+        if close:
+            return f" (did you mean {close[0]!r}?)"
+    return ""
 
 
 def to_dataset(records: Iterable[tuple[str, Mapping[str, Any]]], name: str, unit: str = "file",
