@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -211,7 +211,7 @@ def few_shot(dataset: Dataset, demos: int, n: int) -> Dataset:
     prefix = "".join(e.prompt + e.targets[e.label if e.label is not None else 0] + "\n\n" for e in shown)
     rest = dataset.examples[demos : demos + n]
     return Dataset(f"{dataset.name} few-shot", dataset.kind,
-                   tuple(Example(prefix + e.prompt, e.targets, e.label, e.answers) for e in rest))
+                   tuple(replace(e, prompt=prefix + e.prompt) for e in rest))
 
 
 def prefix_sharing_agreement(engine: Any, dataset: Dataset, requests: Sequence[Request],

@@ -115,8 +115,8 @@ class Split:
     def make(cls, dataset: Dataset, tokenizer: Any, max_len: int, overflow: str) -> "Split":
         requests, report = tokenize(dataset.examples, tokenizer, max_len, overflow)
         if report.truncated or report.rejected:
-            tqdm.write(f"{dataset.name}: {report.truncated} examples truncated from the left, "
-                       f"{report.rejected} rejected (longer than {max_len} tokens)")
+            tqdm.write(f"{dataset.name}: {report.truncated} examples truncated (a context from the left, a text "
+                       f"at its end), {report.rejected} rejected (longer than {max_len} tokens)")
         by_example: dict[int, list[Request]] = {}
         for r in requests:
             by_example.setdefault(r.example, []).append(r)
