@@ -129,7 +129,7 @@ def to_dataset(records: Iterable[tuple[str, Mapping[str, Any]]], name: str, unit
 def load_records(records: Any, name: str = "data", chat_tokenizer: Callable[[], Any] | None = None) -> Dataset:
     """A list of records in memory (the dicts a data file's lines hold), validated as a file is;
     errors name the record by its index, `data[3]: label: ...`."""
-    if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, (list, tuple)):
+    if not isinstance(records, (list, tuple)):
         raise bad(name, "records", f"must be a list of records (dicts), got {type(records).__name__}")
 
     def located() -> Iterable[tuple[str, Mapping[str, Any]]]:
@@ -179,17 +179,17 @@ def _check_text(value: str, where: str, name: str) -> None:
                   f"character {e.start} (not valid Unicode text)") from None
 
 
-def _nonempty(record: Mapping[str, Any], name: str, where: str, shown: str | None = None) -> str:
-    value = _field(record, name, str, where, shown)
+def _scored(value: str, where: str, name: str) -> str:
+    """A text that is scored: an empty one would leave nothing to score."""
     if not value:
-        raise bad(where, shown or name, "empty string: nothing to score")
+        raise bad(where, name, "empty string: nothing to score")
     return value
 
 
 def _example(form: str, record: Mapping[str, Any], where: str, notes: _Notes,
              chat_tokenizer: Callable[[], Any] | None) -> Example:
     if form == TEXT:
-        return Example(prompt="", targets=(_nonempty(record, "text", where),), label=None)
+        return Example(prompt="", targets=(_scored(_field(record, "text", str, where), where, "text"),), label=None)
     if form == CHAT:
         if chat_tokenizer is None:
             raise bad(where, "messages", "chat records need the model's chat template, and no tokenizer was given")
@@ -197,12 +197,13 @@ def _example(form: str, record: Mapping[str, Any], where: str, notes: _Notes,
         return Example(prompt=context, targets=(target,), label=None, templated=True)
     prompt = _field(record, "prompt", str, where)
     if form == COMPLETION:
-        return Example(prompt=prompt, targets=(_nonempty(record, "completion", where),), label=None)
+        completion = _scored(_field(record, "completion", str, where), where, "completion")
+        return Example(prompt=prompt, targets=(completion,), label=None)
     options = _field(record, "options", list, where)
     for i, option in enumerate(options):
         if not isinstance(option, str):
             raise bad(where, f"options[{i}]", f"must be string, got {json_type(option)} {reprlib.repr(option)}")
-        _nonempty({"o": option}, "o", where, f"options[{i}]")
+        _check_text(_scored(option, where, f"options[{i}]"), where, f"options[{i}]")
     if len(options) < 2:
         raise bad(where, "options", f"needs at least 2 options, got {len(options)}")
     label = _field(record, "label", int, where)
@@ -237,5 +238,5 @@ def _messages(record: Mapping[str, Any], where: str, notes: _Notes) -> list[dict
     if checked[-1]["role"] != "assistant":
         raise bad(where, f"messages[{len(checked) - 1}].role", "the last message is the answer that is scored: "
                   f"it must be the assistant's, got {checked[-1]['role']!r}")
-    _nonempty(checked[-1], "content", where, f"messages[{len(checked) - 1}].content")
+    _scored(checked[-1]["content"], where, f"messages[{len(checked) - 1}].content")
     return checked
