@@ -1,4 +1,4 @@
-"""`mezo-vllm`: tune, eval, export, model, tasks, bench, validate.
+"""`mezo-vllm`: tune, eval, export, serve, model, tasks, bench, validate.
 
 The options of `tune`, `validate` and the shared ones of `eval` are generated from the settings
 dataclasses (`options.py`); this module only wires commands to the library.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -130,6 +131,46 @@ def export(run_dir: str, dest: str, merge: bool) -> None:
     else:
         shutil.copytree(adapter_dir, dest)
     click.echo(f"wrote {dest}")
+
+
+@main.command()
+@click.argument("target", metavar="RUN_OR_ADAPTER")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- VLLM_SERVER_ARGS...]")
+@click.option("--name", help="the model name requests ask for (default: the run folder's name)")
+@click.option("--model", help="base model folder, if the adapter's base_model_name_or_path moved")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; 0.0.0.0 exposes the server to the network (give --api-key)")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", envvar="VLLM_API_KEY", show_envvar=True,
+              help="requests must send 'Authorization: Bearer KEY'")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "auto"]),
+              help="default: float32 with the CPU build of vLLM, vLLM's choice (auto) on GPU")
+@click.option("--kv-cache-gib", type=float, default=1.0, show_default=True, help="KV cache size (CPU build)")
+@click.option("--dry-run", is_flag=True, help="print the vLLM server command instead of running it")
+@_one_line_errors
+def serve(target: str, vllm_args: tuple[str, ...], name: str | None, model: str | None, host: str, port: int,
+          api_key: str | None, dtype: str | None, kv_cache_gib: float, dry_run: bool) -> None:
+    """Serve a run's adapter (or an `export --merge`d model) with vLLM's OpenAI-compatible server.
+
+    RUN_OR_ADAPTER is a run folder, an adapter folder or a merged model folder. Flags after
+    `--` go to vLLM's server as they are, after (so over) the ones derived from the run.
+    """
+    import shlex
+
+    from . import serve as serving
+
+    served = serving.resolve_target(target, name, model)
+    command = serving.server_command(served, host, port, dtype, kv_cache_gib, vllm_args)
+    env = serving.server_env(served, api_key)
+    if dry_run:
+        added = sorted(k for k in env if os.environ.get(k) != env[k])
+        click.echo(" ".join(f"{k}={'<key>' if k == serving.API_KEY_ENV else env[k]}" for k in added)
+                   + (" " if added else "") + shlex.join(command))
+        return
+    serving.check_port(host, port)
+    for line in serving.describe(served, host, port, api_key):
+        click.echo(line, err=True)
+    serving.exec_server(command, env)
 
 
 @main.group()

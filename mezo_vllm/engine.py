@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import patches as _patches
+from .patches import compiled_lora
 from .patches import plugin as _plugin
 from .adapter import Direction, LoraAdapter, Update
 from .config import ConfigError
@@ -52,6 +53,9 @@ class EngineConfig:
     # out its shard, so a sharded engine writes exactly the variants an unsharded one does.
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # fast only: keep vLLM's CPU compilation (Dynamo + Inductor) on with LoRA
+    # (patches.compiled_lora); the first start compiles, later ones read vLLM's cache.
+    compile: bool = False
 
 
 def _block_size(config: EngineConfig) -> dict[str, int]:
@@ -69,7 +73,8 @@ def _worker_env(config: EngineConfig) -> dict[str, str]:
     each NUMA node and refuses more ranks than nodes (one node on small machines): unless the user
     set VLLM_CPU_OMP_THREADS_BIND, this process's cores are split between the ranks instead.
     """
-    env = {_plugin.ENV: "all" if config.fast else "required"}
+    env = {_plugin.ENV: "all" if config.fast else "required",
+           compiled_lora.ENV: "1" if config.fast and config.compile else "0"}
     world = config.tensor_parallel_size * config.pipeline_parallel_size
     if world == 1 or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
         return env

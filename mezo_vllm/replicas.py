@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -41,6 +42,38 @@ def shard_requests(requests: Sequence[Request], n: int) -> list[list[int]]:
         shards[k].extend(indices)
         tokens[k] += sum(len(requests[i].token_ids) for i in indices)
     return shards
+
+
+# Ray's switch between a local-only Ray and one that other machines may join (off by default on
+# macOS and Windows; `ray._private.ray_constants.ENABLE_RAY_CLUSTER`). Off, the node's address is
+# 127.0.0.1, and Ray's GCS, raylet, agents and workers then listen on loopback only. Ray reads it
+# once, when it is imported.
+RAY_LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def connect_ray(address: str | None, num_cpus: int) -> tuple[Any, bool]:
+    """Ray, connected for the replicas, and whether this call started or joined it (so `close`
+    ends it). An already initialised Ray (a notebook's, a test's) is used as it is, and so is
+    the cluster at `address`; otherwise a local cluster is started for the run that listens on
+    loopback only: a run that only talks to itself has no reason to be reachable from the
+    network. Ray's token authentication is left as Ray sets it (on)."""
+    if address is None and "ray" not in sys.modules:
+        os.environ[RAY_LOCAL_ONLY_ENV] = "0"
+    import ray
+
+    if ray.is_initialized():
+        return ray, False
+    if address:
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+        return ray, True
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+             object_store_memory=256 << 20)
+    nodes = sorted({node["NodeManagerAddress"] for node in ray.nodes()})
+    if nodes != ["127.0.0.1"]:  # Ray was imported before the switch could be set
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray cluster came up on {', '.join(nodes)}, not on 127.0.0.1 only: "
+                           f"Ray was imported before mezo_vllm.replicas could set {RAY_LOCAL_ONLY_ENV}=0")
+    return ray, True
 
 
 def _wire_size(payload: Any) -> int:
@@ -88,23 +121,16 @@ class _Replica:
 
 
 class ReplicatedEngine:
-    """`replicas` engines on Ray (a local cluster by default, or the one at `address`), used by
-    the trainer like one engine. `wire` counts the pickled bytes sent to and received from the
-    replicas (what a step costs on the network)."""
+    """`replicas` engines on Ray (a loopback-only local cluster by default, or the one at
+    `address`), used by the trainer like one engine. `wire` counts the pickled bytes sent to and
+    received from the replicas (what a step costs on the network)."""
 
     def __init__(self, config: EngineConfig, adapter: LoraAdapter, replicas: int,
                  address: str | None = None) -> None:
-        import ray
-
-        self._ray = ray
         cores = sorted(os.sched_getaffinity(0))
-        self._own_cluster = not ray.is_initialized()
-        if self._own_cluster:
-            if address:
-                ray.init(address=address, include_dashboard=False, logging_level="WARNING")
-            else:  # never fewer CPUs than replicas, or the last ones would wait for ever
-                ray.init(num_cpus=max(len(cores), replicas), include_dashboard=False,
-                         logging_level="WARNING", object_store_memory=256 << 20)
+        # never fewer CPUs than replicas, or the last ones would wait for ever
+        ray, self._own_cluster = connect_ray(address, num_cpus=max(len(cores), replicas))
+        self._ray = ray
         cpus = int(ray.cluster_resources().get("CPU", 0))
         if cpus < replicas:
             raise ConfigError(f"--replicas {replicas}: the Ray cluster at {address or 'this machine'} has {cpus} CPUs, "

@@ -109,3 +109,34 @@ def test_n_directions_average_their_estimates(tmp_path, tokenizer):
     for r in records:
         replay.apply(Update(terms=tuple((s, -1e-3 * g / 3) for s, g in zip(r["seeds"], r["grads"]))))
     assert all(torch.allclose(final.tensors[k], v, atol=1e-7) for k, v in replay.tensors.items())
+
+
+def test_step_seeds_never_repeat_across_steps_and_directions():
+    """Directions 0-63 keep the earlier seeds (old runs resume exactly); beyond them a step's
+    seeds collide with no other step's (the old formula made direction 64 of step s direction
+    0 of step s+1)."""
+    from mezo_vllm.trainer import step_seed
+
+    assert step_seed(0, 5, 3) == 5 * 64 + 3 and step_seed(2, 0, 0) == 2 * 1_000_003 * 64
+    seeds = [step_seed(1, step, k) for step in range(50) for k in range(200)]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_resuming_a_finished_run_logs_nothing_twice(tmp_path, tokenizer):
+    cfg = _cfg(tmp_path, "done", steps=4, save_every=2)
+    tune(cfg, engine=StandInEngine(tokenizer))
+    before = {name: (tmp_path / "done" / name).read_text() for name in ("metrics.jsonl", "trajectory.jsonl")}
+    summary = tune(cfg, resume=True, engine=StandInEngine(tokenizer))
+    after = {name: (tmp_path / "done" / name).read_text() for name in before}
+    assert after == before
+    assert summary["after"] == json.loads(before["metrics.jsonl"].splitlines()[-1])
+    assert summary["before"]["step"] == 0
+
+
+def test_a_resumed_run_with_other_steps_says_its_schedule_changed(tmp_path, tokenizer, capsys):
+    tune(_cfg(tmp_path, "longer", steps=4, save_every=2), engine=StandInEngine(tokenizer))
+    tune(_cfg(tmp_path, "longer", steps=6, save_every=2), resume=True, engine=StandInEngine(tokenizer))
+    assert "the linear schedule now decays to 0 at step 6" in capsys.readouterr().out
+    tune(_cfg(tmp_path, "longer", steps=8, save_every=2, lr_schedule="constant"), resume=True,
+         engine=StandInEngine(tokenizer))
+    assert "schedule" not in capsys.readouterr().out

@@ -43,9 +43,9 @@ def required() -> list[ModuleType]:
 
 def speedups() -> list[ModuleType]:
     """The patches that make the engine fast; `fast=False` engines (the bench's stock vLLM) skip them."""
-    from . import fast_cpu_lora, prefix_sharing, span_logprobs
+    from . import compiled_lora, fast_cpu_lora, prefix_sharing, span_logprobs
 
-    return [fast_cpu_lora, span_logprobs, prefix_sharing]
+    return [fast_cpu_lora, compiled_lora, span_logprobs, prefix_sharing]
 
 
 def apply_all(modules: list[ModuleType]) -> None:
