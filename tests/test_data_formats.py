@@ -329,3 +329,16 @@ def test_chat_data_through_the_command_line(tmp_path, monkeypatch):
     assert result.exit_code == 2 and result.output.startswith(
         f"error: {fake.resolve()}: cannot load its tokenizer for the chat template ("), result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+def test_serve_tells_chat_runs_to_send_messages(tmp_path):
+    from mezo_vllm.data.files import first_form
+    from mezo_vllm.serve import _prompt_format
+
+    chat = _write(tmp_path, "chat.jsonl", "\n", {"messages": CONVERSATIONS[0]})
+    plain = _write(tmp_path, "plain.jsonl", {"prompt": "a", "completion": " b"})
+    text = tmp_path / "t.csv"
+    text.write_text(" text \nabc\n")
+    assert [first_form(p) for p in (chat, plain, text, tmp_path / "gone.jsonl")] == ["chat", "completion", "text", None]
+    assert _prompt_format({"data": str(chat)}).startswith("messages to /v1/chat/completions (the server applies")
+    assert _prompt_format({"data": str(plain)}).startswith("raw text to /v1/completions, no chat template")

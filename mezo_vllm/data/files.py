@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .records import CHAT, FIELDS, form_of, json_type, stored, to_dataset
-from .types import Dataset, error
+from .types import DataError, Dataset, error
 
 
 def load_file(path: str | Path, chat_tokenizer: Callable[[], Any] | None = None) -> Dataset:
@@ -47,6 +47,21 @@ def load_file(path: str | Path, chat_tokenizer: Callable[[], Any] | None = None)
     if dataset is None:
         raise error(source, None, "file", "no records")
     return dataset
+
+
+def first_form(path: str | Path) -> str | None:
+    """The form of a data file's first record ("chat", "text", ...), read without loading the
+    file, or None when it cannot be told: how `serve` says prompts are to be sent."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            first = next((line for line in f if line.strip()), None)
+        if first is None:
+            return None
+        record = (dict.fromkeys(name.strip() for name in next(csv.reader([first])))
+                  if Path(path).suffix.lower() == ".csv" else json.loads(first))
+        return form_of(record, str(path)) if isinstance(record, dict) else None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, csv.Error, DataError):
+        return None
 
 
 def save_records(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
