@@ -90,7 +90,7 @@ def eval_(adapter_dir: str, task: str | None, split: str, data: str | None, mode
           dtype: str, max_length: int, trust_remote_code: bool) -> None:
     """The metric of an adapter and of the base model without it, on the same data."""
     from .adapter import LoraAdapter
-    from .data import Split, load_file, load_task
+    from .data import Split, load_file, load_task, tokenizer_loader
     from .engine import EngineConfig, VllmEngine
     from .evaluation import evaluate
     from .model import resolve_model
@@ -98,12 +98,13 @@ def eval_(adapter_dir: str, task: str | None, split: str, data: str | None, mode
 
     if (task is None) == (data is None):
         raise ConfigError("give exactly one of --task NAME or --data FILE")
-    dataset = getattr(load_task(task), split) if task else load_file(data)
     adapter = LoraAdapter.load(adapter_dir)
     base = model or json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
         raise ConfigError(f"{adapter_dir}/adapter_config.json names no base model: pass --model")
     model_dir = str(resolve_model(base))
+    dataset = (getattr(load_task(task), split) if task
+               else load_file(data, tokenizer_loader(model_dir, trust_remote_code)))  # chat: the model's template
     engine = VllmEngine(EngineConfig(model=model_dir, dtype=engine_dtype(dtype), max_model_len=max_length, n_variants=1,
                                      trust_remote_code=trust_remote_code), adapter)
     data_split = Split.make(dataset, engine.tokenizer, max_length, "truncate")

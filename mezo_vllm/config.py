@@ -61,7 +61,8 @@ def _not_blank(v: str) -> str | None:
 class ModelSettings:
     """The base model and the LoRA adapter on it: the settings `tune` and `validate` share."""
 
-    model: str | None = setting(None, "HF model folder (safetensors); default: the embedded SmolLM2-135M-Instruct",
+    model: str | None = setting(None, "HF model folder (safetensors) or hub id (org/name, downloaded where the hub "
+                                "is reachable); default: the embedded SmolLM2-135M-Instruct",
                                 same=_same_model)
     targets: tuple[str, ...] = setting(("q_proj", "v_proj"), "LoRA target modules, comma-separated, or all-linear",
                                        aliases=("--lora_target_modules",), checks=(not_empty,))
@@ -82,10 +83,13 @@ class TuneConfig(ModelSettings):
 
     out: str = setting(help="run folder", path=True, aliases=("--output_dir",))
     task: str | None = setting(None, "built-in task (see `mezo-vllm tasks`)")
-    data: str | None = setting(None, "training data: JSONL or CSV", path=True)
+    data: str | None = setting(None, "training data, JSONL or CSV: prompt/completion, prompt/options/label, text, "
+                               "or (JSONL) chat messages", path=True)
     init_adapter: str | None = setting(None, "start from this PEFT LoRA adapter folder (of --rank and --targets) "
                                        "instead of PEFT's initialisation", path=True)
     eval_data: str | None = setting(None, "dev data for --data", path=True)
+    eval_split: float = setting(0.0, "hold out this fraction of --data (drawn with --seed) as dev data",
+                                checks=(in_half_open(0, 1),))
     lr: float = setting(2e-3, "learning rate (its peak under --lr-schedule)", aliases=("--learning_rate",),
                         checks=(above(0), finite))
     lr_schedule: str = setting("linear", "linear: decay to 0 at the last step", choices=SCHEDULES)
@@ -153,8 +157,10 @@ class TuneConfig(ModelSettings):
             raise ConfigError("--report-to tensorboard needs TensorBoard: pip install 'mezo-vllm[tensorboard]'")
         if (self.task is None) == (self.data is None):
             raise ConfigError("give exactly one of --task NAME or --data FILE")
-        if self.task is not None and self.eval_data is not None:
-            raise ConfigError("--eval-data goes with --data (a built-in task has its own dev split)")
+        if self.task is not None and (self.eval_data is not None or self.eval_split):
+            raise ConfigError("--eval-data and --eval-split go with --data (a built-in task has its own dev split)")
+        if self.eval_data is not None and self.eval_split:
+            raise ConfigError("--eval-split holds dev data out of --data: not with --eval-data")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
@@ -88,11 +89,23 @@ def _dequantize_into(target: Path) -> None:
     write_whole(target, write)
 
 
+# What a hub download fetches: weights as safetensors (pickles are refused anyway), configs and
+# tokenizer files (tokenizer.json, tokenizer.model, vocab/merges, the chat template).
+HUB_FILES = ["*.safetensors", "*.json", "tokenizer*", "*.tiktoken", "vocab.txt", "merges.txt", "*.jinja"]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Seconds to wait for the hub to answer before saying it is not reachable (HF_HUB_ETAG_TIMEOUT
+# overrides it, as for huggingface_hub's own metadata requests).
+HUB_TIMEOUT_S = 10.0
+
+
 def resolve_model(model: str | None) -> Path:
-    """A user's HF model folder as given, or the embedded default (prepared on first use)."""
+    """A user's HF model folder as given, a hub id (`org/name`, not an existing path) downloaded
+    into the HF cache, or the embedded default (prepared on first use)."""
     if model is None or model == DEFAULT_MODEL:
         return prepare_default_model()
     path = Path(model)
+    if not path.exists() and _HUB_ID.fullmatch(model):
+        path = _from_hub(model)
     if not (path / "config.json").is_file():
         raise ModelError(f"{model}: not an HF model folder (no config.json)")
     try:
@@ -108,3 +121,53 @@ def resolve_model(model: str | None) -> Path:
                              "can run arbitrary code; convert them to *.safetensors")
         raise ModelError(f"{model}: no *.safetensors weights")
     return path
+
+
+def _from_hub(repo_id: str) -> Path:
+    """The snapshot of a hub model (HUB_FILES only), downloaded into the HF cache; a model the
+    cache holds whole is used when the hub cannot be asked (offline, unreachable)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError, LocalEntryNotFoundError
+
+    try:
+        _ask_hub(repo_id)
+    except ModelError as unreachable:
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=True))
+        except (LocalEntryNotFoundError, CachedRepoTreeNotFoundError):  # not cached, or not whole
+            raise unreachable from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))  # "main", so the cache knows it offline
+    except Exception as e:  # the connection broke, the disk filled, ...: one line either way
+        raise ModelError(f"{repo_id}: the download failed ({type(e).__name__}: {e})".splitlines()[0]) from None
+
+
+def _ask_hub(repo_id: str) -> None:
+    """Ask the hub about the model, within HUB_TIMEOUT_S (huggingface_hub's own metadata requests
+    have no timeout: a silent hub would hang the download), or say in one line why it cannot:
+    HF_HUB_OFFLINE, no answer, no such model. Whatever the HTTP client raises counts as "not
+    reachable": its exception types differ between huggingface_hub versions, and to the user
+    they all mean the same."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError
+
+    cannot = f"{repo_id}: no such folder, and as a hub id it cannot be downloaded"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelError(f"{cannot}: HF_HUB_OFFLINE is set and the HF cache ({constants.HF_HUB_CACHE}) does not "
+                         "hold it; download it where the hub is reachable and pass its folder")
+    timeout = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or HUB_TIMEOUT_S)
+    try:
+        HfApi().model_info(repo_id, timeout=timeout)
+    except HFValidationError as e:
+        raise ModelError(f"{repo_id}: no such folder, nor a valid hub id ({e})".splitlines()[0]) from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status in (401, 403, 404):
+            raise ModelError(f"{cannot}: the hub at {constants.ENDPOINT} has no model {repo_id!r} (HTTP {status}; "
+                             "a gated or private model needs `hf auth login`)") from None
+        raise ModelError(f"{cannot}: the hub at {constants.ENDPOINT} answered HTTP {status}") from None
+    except Exception as e:  # refused, timed out, no DNS, a proxy: the hub is not reachable
+        cause = (f"no answer within {timeout:g} s" if "Timeout" in type(e).__name__
+                 else f"{type(e).__name__}: {e}".splitlines()[0])
+        raise ModelError(f"{cannot}: the hub at {constants.ENDPOINT} is not reachable from here ({cause}); "
+                         "download the model where it is and pass its folder") from None

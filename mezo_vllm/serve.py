@@ -87,8 +87,14 @@ def _run_of(adapter: Path) -> Path | None:
 
 def _prompt_format(run_config: dict | None) -> str:
     from .data import DataError, task_template
+    from .data.files import first_form
+    from .data.records import CHAT
 
     how = "raw text to /v1/completions, no chat template"
+    data = run_config.get("data") if run_config else None
+    if isinstance(data, str) and first_form(data) == CHAT:  # trained on the chat template's rendering
+        return ("messages to /v1/chat/completions (the server applies the model's chat template, as training "
+                f"did), as in {data}")
     if run_config is None:
         return f"{how} (no run folder at hand: format them as the training data did)"
     if run_config.get("task"):

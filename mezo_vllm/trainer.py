@@ -28,8 +28,10 @@ from tqdm import tqdm
 from . import console, objective, patches, rundir
 from .adapter import Direction, LoraAdapter, LoraSpec, Update, init_from, model_linear_shapes, resolve_targets
 from .config import ConfigError, TuneConfig
-from .data import CLASSIFICATION, Dataset, Request, Split, load_file, load_task
 from .errors import EngineStartError
+from .data import (CLASSIFICATION, Dataset, Request, Split, hold_out, load_file, load_records, load_task,
+                   save_records, tokenizer_loader)
+from .data.types import held_warnings, warn
 from .estimator import Estimator, learning_rate, make_estimator, projected_gradient
 from .evaluation import evaluate, generation_scores
 from .model import ModelError, resolve_model
@@ -203,14 +205,35 @@ class Prepared:
     init: LoraAdapter | None  # --init-adapter, when there is no checkpoint to continue
 
 
-def load_splits(cfg: TuneConfig) -> tuple[Dataset, Dataset | None]:
+# Records given to `tune` in memory are saved in the run folder under these names, which the
+# run's config.json then holds as --data / --eval-data, so the run resumes like any other.
+IN_MEMORY = {"data": "data.jsonl", "eval_data": "eval_data.jsonl"}
+
+
+def load_splits(cfg: TuneConfig, model_dir: str,
+                records: dict[str, Sequence[Any] | None] | None = None) -> tuple[Dataset, Dataset | None]:
+    """The train and dev data; `records`: in-memory records in place of the --data/--eval-data files."""
     if cfg.task is not None:
         splits = load_task(cfg.task)
         return splits.train, splits.dev
-    train = load_file(cfg.data)
-    dev = load_file(cfg.eval_data) if cfg.eval_data else None
+    records = records or {}
+    chat_tokenizer = tokenizer_loader(model_dir, cfg.trust_remote_code)
+
+    def load(name: str) -> Dataset | None:
+        if records.get(name) is not None:
+            return load_records(records[name], name, chat_tokenizer)
+        path = getattr(cfg, name)
+        return load_file(path, chat_tokenizer) if path else None
+
+    train, dev = load("data"), load("eval_data")
+    assert train is not None  # validate(): --task or --data
     if dev is not None and dev.kind != train.kind:
-        raise ConfigError(f"{cfg.eval_data} is {dev.kind} data but {cfg.data} is {train.kind}")
+        raise ConfigError(f"{dev.name} is {dev.kind} data but {train.name} is {train.kind}")
+    if cfg.eval_split:
+        train, dev = hold_out(train, cfg.eval_split, cfg.seed)
+    if dev is None:
+        warn(train.name, "dev data", "none, so nothing is evaluated before, during or after training: "
+             "give --eval-data FILE, or --eval-split 0.1 to hold out a tenth of the training data")
     return train, dev
 
 
@@ -274,10 +297,12 @@ def _checked_checkpoint(run: Path, spec: LoraSpec, model_dir: str, steps: int
     return adapter, step
 
 
-def prepare(cfg: TuneConfig, resume: bool = False, overwrite: bool = False) -> Prepared:
+def prepare(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
+            records: dict[str, Sequence[Any] | None] | None = None) -> Prepared:
     """Everything that can be wrong with the settings, the data, the model or the run folder is
     found here, before the engine starts (tens of seconds) and before anything on disk is
-    changed (--overwrite deletes the old run only once all checks have passed)."""
+    changed (--overwrite deletes the old run only once all checks have passed). `records`: the
+    in-memory data given to `tune`."""
     cfg.validate()
     # the run records the dtype it ran with ("auto" resolved for the installed vLLM)
     cfg = replace(cfg, dtype=engine_dtype(cfg.dtype) if cfg.engine == "vllm" else
@@ -286,10 +311,11 @@ def prepare(cfg: TuneConfig, resume: bool = False, overwrite: bool = False) -> P
         patches.check_installed(cfg.fast)
     run = Path(cfg.out)
     _check_out(run, resume, overwrite)
-    train, dev = load_splits(cfg)
+    # the model first: chat data is rendered with its chat template
+    model_dir = str(resolve_model(cfg.model).resolve())  # absolute: adapters and checkpoints record it
+    train, dev = load_splits(cfg, model_dir, records)
     if cfg.objective == "f1" and train.kind == CLASSIFICATION:
         raise ConfigError(f"--objective f1 scores generated answers: {train.name} is classification data")
-    model_dir = str(resolve_model(cfg.model).resolve())  # absolute: adapters and checkpoints record it
     try:
         shapes = model_linear_shapes(model_dir)
     except (OSError, SafetensorError) as e:
@@ -369,28 +395,45 @@ def _note_schedule_change(p: Prepared) -> None:
                     f"followed the old one")
 
 
-def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
-         engine: ScoringEngine | None = None, verbose: bool = False) -> dict[str, Any]:
+def _in_memory(cfg: TuneConfig, records: dict[str, Sequence[Any] | None]) -> TuneConfig:
+    """The config with each in-memory data set's file in the run folder in place of its path."""
+    for name, given in records.items():
+        if given is not None:
+            if getattr(cfg, name) is not None:
+                raise ConfigError(f"tune({name}=...) is given records and the config a {name} file: give one")
+            cfg = replace(cfg, **{name: str(Path(cfg.out) / IN_MEMORY[name])})
+    return cfg
+
+
+def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False, engine: ScoringEngine | None = None,
+         verbose: bool = False, data: Sequence[Any] | None = None,
+         eval_data: Sequence[Any] | None = None) -> dict[str, Any]:
     """Run (or continue) MeZO-LoRA training; returns the summary printed at the end: the keys of
     `summary.json`, the run folder (`run`) and the first and last dev metrics (`before`, `after`).
 
     `engine`: an already running engine of the same model (tests, sweeps), given the run's
     adapter with `load_master`; by default a vLLM engine is started for the run. `verbose`:
-    vLLM's and torch's output on the terminal instead of in RUN/engine.log.
+    vLLM's and torch's output on the terminal instead of in RUN/engine.log. `data`, `eval_data`:
+    records in memory (the dicts a data file's lines hold) in place of the --data/--eval-data
+    files, validated as a file is (errors name `data[i]`); they are saved as RUN/data.jsonl and
+    RUN/eval_data.jsonl, which the run's config.json names.
     """
     started = time.perf_counter()
+    records = {"data": data, "eval_data": eval_data}
+    cfg = _in_memory(cfg, records)
     run = Path(cfg.out)
     with contextlib.ExitStack() as stack:
         claimed = _is_a_run(run)  # locked before prepare tidies its checkpoint
         if claimed:
             stack.enter_context(rundir.locked(run))
-        p = prepare(cfg, resume, overwrite)
+        with held_warnings():  # said once every check has passed
+            p = prepare(cfg, resume, overwrite, records)
         if not claimed:
             run.mkdir(parents=True, exist_ok=True)
             stack.enter_context(rundir.locked(run))
         try:
             stack.enter_context(console.quiet(run / "engine.log", verbose))
-            summary = _run(p, resume, overwrite, engine, verbose, started)
+            summary = _run(p, resume, overwrite, engine, verbose, started, records)
         except (OSError, SafetensorError) as e:
             if not rundir.disk_full(e):
                 raise
@@ -401,12 +444,15 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
 
 
 def _run(p: Prepared, resume: bool, overwrite: bool, engine: ScoringEngine | None, verbose: bool,
-         started: float) -> dict[str, Any]:
+         started: float, records: dict[str, Sequence[Any] | None]) -> dict[str, Any]:
     """`tune` once the run folder is this process's."""
     cfg, run = p.cfg, p.run
     _note_schedule_change(p)
     if overwrite and not resume:
         rundir.clear(run)
+    for name, given in records.items():
+        if given is not None:
+            save_records(run / IN_MEMORY[name], given)
     rundir.write_file(run / "config.json", json.dumps(cfg.to_json(), indent=2) + "\n")
     adapter, start = p.checkpoint if p.checkpoint else (p.init or LoraAdapter.init(p.spec, p.shapes, cfg.seed), 0)
     rundir.truncate_jsonl(run / "trajectory.jsonl", lambda r: r["step"] < start)  # step = the step taken

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,7 +24,7 @@ import torch
 
 from .adapter import LoraAdapter, LoraSpec, model_linear_shapes, noise, resolve_targets
 from .config import ConfigError, ModelSettings
-from .data import COMPLETION, Dataset, Example, Request, load_file, load_task, tokenize
+from .data import COMPLETION, Dataset, Example, Request, load_file, load_task, tokenize, tokenizer_loader
 from .objective import batch_loss, example_losses
 from .estimator import projected_gradient
 from .settings import at_least, between, check_settings, setting
@@ -211,7 +211,7 @@ def few_shot(dataset: Dataset, demos: int, n: int) -> Dataset:
     prefix = "".join(e.prompt + e.targets[e.label if e.label is not None else 0] + "\n\n" for e in shown)
     rest = dataset.examples[demos : demos + n]
     return Dataset(f"{dataset.name} few-shot", dataset.kind,
-                   tuple(Example(prefix + e.prompt, e.targets, e.label, e.answers) for e in rest))
+                   tuple(replace(e, prompt=prefix + e.prompt) for e in rest))
 
 
 def prefix_sharing_agreement(engine: Any, dataset: Dataset, requests: Sequence[Request],
@@ -251,8 +251,10 @@ def kv_reuse_error(reference: Any, dataset: Dataset, requests: Sequence[Request]
 # ----------------------------------------------------------------------------- the command
 
 
-def _load(cfg: ValidateConfig) -> Dataset:
-    return load_task(cfg.task).train if cfg.task else load_file(cfg.data)
+def _load(cfg: ValidateConfig, model_dir: str) -> Dataset:
+    if cfg.task:
+        return load_task(cfg.task).train
+    return load_file(cfg.data, tokenizer_loader(model_dir, cfg.trust_remote_code))  # chat: the model's template
 
 
 def run_validate(cfg: ValidateConfig, echo: Callable[[str], None] = print) -> Path:
@@ -261,8 +263,8 @@ def run_validate(cfg: ValidateConfig, echo: Callable[[str], None] = print) -> Pa
     from .reference import ReferenceEngine
 
     cfg.validate()
-    dataset = _load(cfg)
     model_dir = str(resolve_model(cfg.model).resolve())
+    dataset = _load(cfg, model_dir)
     shapes = model_linear_shapes(model_dir)
     if cfg.adapter:
         adapter = LoraAdapter.load(cfg.adapter)

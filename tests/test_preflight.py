@@ -146,7 +146,7 @@ def test_lora_ranks_are_vllms():
     (["--data", "{tmp}/missing.jsonl"], ["missing.jsonl: file: cannot read"]),
     (["--data", "{tmp}/train.txt"], ["train.txt: file: unknown extension '.txt'"]),
     (["--data", "{data}", "--task", "sst2"], ["exactly one of --task NAME or --data FILE"]),
-    (["--task", "sst2", "--eval-data", "{data}"], ["--eval-data goes with --data"]),
+    (["--task", "sst2", "--eval-data", "{data}"], ["--eval-data and --eval-split go with --data"]),
     (["--data", "{data}", "--eval-data", "{tmp}/dev.jsonl"], ["dev.jsonl: file: cannot read"]),
 ])
 def test_bad_data_or_task(tmp_path, model, data, engines, args, fragments):

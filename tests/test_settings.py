@@ -27,7 +27,7 @@ from mezo_vllm.validate import ValidateConfig
 # The options as they were hand-written in cli.py before they were generated:
 # flag → (default, type name or choices). Flags (is_flag) have the default False.
 TUNE = {
-    "--task": (None, "text"), "--data": (None, "path"), "--eval-data": (None, "path"),
+    "--task": (None, "text"), "--data": (None, "path"), "--eval-data": (None, "path"), "--eval-split": (0.0, "float"),
     "--model": (None, "text"), "--out": (None, "path"), "--resume": (None, "path"),
     "--overwrite": (False, "boolean"), "--targets": ("q_proj,v_proj", "text"), "--rank": (8, "integer"),
     "--alpha": (16.0, "float"), "--lr": (0.002, "float"), "--lr-schedule": ("linear", ("constant", "linear")),
@@ -115,7 +115,7 @@ def test_aliases_are_listed_in_help():
 def test_saved_config_keys_are_unchanged():
     """A run's config.json from before resumes: no field was renamed, added or dropped."""
     assert {f.name for f in fields(TuneConfig)} == {
-        "out", "model", "task", "data", "eval_data", "targets", "rank", "alpha", "lr", "lr_schedule", "eps",
+        "out", "model", "task", "data", "eval_data", "eval_split", "targets", "rank", "alpha", "lr", "lr_schedule", "eps",
         "batch_size", "steps", "directions", "seed", "weight_decay", "estimator", "momentum", "momentum_window",
         "lozo_rank", "lozo_period", "objective", "dtype", "eval_every", "save_every", "max_length", "overflow",
         "eval_examples", "fast", "engine", "replicas", "ray_address", "tensor_parallel_size",

@@ -1,9 +1,8 @@
-"""User data files: JSONL and CSV, validated record by record.
+"""User data files: JSONL and CSV, read into records that `records.py` validates one by one.
 
-Two forms, set for the whole file by its first record (JSONL) or its header (CSV):
-completion, `{"prompt": str, "completion": str}`, and classification,
-`{"prompt": str, "options": [str, ...], "label": int}`. Bad data is reported as a `DataError`
-whose one-line message names file, line and field, never as a traceback.
+A JSONL file (`.jsonl`, `.json`) holds one JSON object per line; a CSV file (`.csv`) a header row
+naming the fields, one record per row after it. Bad data is reported as a `DataError` whose
+one-line message names file, line and field, never as a traceback.
 """
 
 from __future__ import annotations
@@ -11,35 +10,30 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import reprlib
 import sys
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .types import CLASSIFICATION, COMPLETION, Dataset, Example, error
-
-_JSON_TYPES = {str: "string", bool: "boolean", int: "integer", float: "number",
-               list: "array", dict: "object", type(None): "null"}
+from .records import CHAT, FIELDS, form_of, json_type, stored, to_dataset
+from .types import DataError, Dataset, error
 
 
-def _json_type(value: Any) -> str:
-    return _JSON_TYPES.get(type(value), type(value).__name__)
+def load_file(path: str | Path, chat_tokenizer: Callable[[], Any] | None = None) -> Dataset:
+    """Load a JSONL or CSV file of records in one of the forms of `records.py`: completion,
+    classification, text or (JSONL only) chat; `chat_tokenizer` gives the tokenizer whose chat
+    template renders chat records.
 
-
-def load_file(path: str | Path) -> Dataset:
-    """Load a JSONL (`.jsonl`, `.json`: one JSON object per line) or CSV (`.csv`) file.
-
-    Two forms, set for the whole file by its first record (JSONL) or its header (CSV):
-    completion, `{"prompt": str, "completion": str}`, and classification,
-    `{"prompt": str, "options": [str, ...], "label": int}`. A CSV file has a header row with
-    columns `prompt,completion` or `prompt,options,label`, where `options` is a JSON list
-    string such as `["no", "yes"]`, so that both formats share one validation and options
-    may be any number. Extra fields or columns are ignored; blank lines are skipped.
-    An empty prompt is allowed (the text may carry everything), an empty completion or
-    option is not: there would be nothing to score.
+    A CSV file has a header row with the columns of one form, `prompt,completion`,
+    `prompt,options,label` or `text`, where `options` is a JSON list string such as
+    `["no", "yes"]`, so that both formats share one validation and options may be any number.
+    Other fields or columns are ignored, with a warning; blank lines are skipped. An empty
+    prompt is allowed (the text may carry everything), an empty completion or option is not:
+    there would be nothing to score.
     """
     source = str(path)
     suffix = Path(path).suffix.lower()
@@ -48,21 +42,37 @@ def load_file(path: str | Path) -> Dataset:
                      f"unknown extension {suffix or '(none)'!r}: expected .jsonl, .json or .csv")
     text = _read_text(Path(path), source)
     records = _csv_records(text, source) if suffix == ".csv" else _jsonl_records(text, source)
-    kind: str | None = None
-    first_line = 0
-    examples: list[Example] = []
-    for line, record in records:
-        form = _form(record, source, line)
-        if kind is None:
-            kind, first_line = form, line
-        elif form != kind:
-            field = "options" if form == CLASSIFICATION else "completion"
-            raise error(source, line, field, f"{form} record in a {kind} file "
-                         f"(the form is set by the first record, line {first_line})")
-        examples.append(_example(record, kind, source, line))
-    if kind is None:
+    dataset = to_dataset(((f"{source}:{line}", record) for line, record in records), source, "file",
+                         chat_tokenizer)
+    if dataset is None:
         raise error(source, None, "file", "no records")
-    return Dataset(name=source, kind=kind, examples=tuple(examples))
+    return dataset
+
+
+def first_form(path: str | Path) -> str | None:
+    """The form of a data file's first record ("chat", "text", ...), read without loading the
+    file, or None when it cannot be told: how `serve` says prompts are to be sent."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            first = next((line for line in f if line.strip()), None)
+        if first is None:
+            return None
+        record = (dict.fromkeys(name.strip() for name in next(csv.reader([first])))
+                  if Path(path).suffix.lower() == ".csv" else json.loads(first))
+        return form_of(record, str(path)) if isinstance(record, dict) else None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, csv.Error, DataError):
+        return None
+
+
+def save_records(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
+    """Valid records as a JSONL file that `load_file` reads back as the same examples (written
+    whole: a temporary file renamed into place)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(stored(r), ensure_ascii=False) + "\n" for r in records))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _read_text(path: Path, source: str) -> str:
@@ -100,8 +110,7 @@ def _jsonl_records(text: str, source: str) -> Iterator[tuple[int, Any]]:
             continue
         record = _json_loads(raw, source, line, "record", "malformed JSON")
         if not isinstance(record, dict):
-            raise error(source, line, "record",
-                         f"must be a JSON object, got {_json_type(record)}")
+            raise error(source, line, "record", f"must be a JSON object, got {json_type(record)}")
         yield line, record
 
 
@@ -133,9 +142,12 @@ def _csv_records(text: str, source: str) -> Iterator[tuple[int, dict[str, Any]]]
             twice = [name for name, count in Counter(header).items() if count > 1 and name]
             if twice:
                 raise error(source, line, twice[0], "column appears more than once in the header row")
-            if "prompt" not in header:
-                raise error(source, line, "prompt", "missing column in the header row")
-            _form(dict.fromkeys(header), source, line)  # a header without a form fails here
+            form = form_of(dict.fromkeys(header), f"{source}:{line}")  # a header without a form fails here
+            if form == CHAT:
+                raise error(source, line, "messages", "chat records are JSONL only (a conversation is a list of objects)")
+            missing = [name for name in FIELDS[form] if name not in header]
+            if missing:
+                raise error(source, line, missing[0], "missing column in the header row")
             continue
         record: dict[str, Any] = dict(zip(header, row))
         if "options" in record:
@@ -157,61 +169,3 @@ def _csv_label(cell: str, source: str, line: int) -> int | str:
         return int(cell)
     except ValueError:  # longer than Python's int/str conversion limit
         raise error(source, line, "label", f"{reprlib.repr(cell.strip())} is out of range") from None
-
-
-def _form(record: Mapping[str, Any], source: str, line: int) -> str:
-    if "options" in record and "completion" in record:
-        raise error(source, line, "options",
-                     'a record has either "completion" or "options", not both')
-    if "options" in record:
-        return CLASSIFICATION
-    if "completion" in record:
-        return COMPLETION
-    raise error(source, line, "completion",
-                 'missing field (a record needs "completion", or "options" and "label")')
-
-
-def _field(record: Mapping[str, Any], name: str, kind: type, source: str, line: int) -> Any:
-    if name not in record:
-        raise error(source, line, name, "missing field")
-    value = record[name]
-    # bool is a subclass of int, but `"label": true` is a mistake, not the index 1.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise error(source, line, name,
-                     f"must be {_JSON_TYPES[kind]}, got {_json_type(value)} {reprlib.repr(value)}")
-    if kind is str:
-        _check_text(value, source, line, name)
-    return value
-
-
-def _check_text(value: str, source: str, line: int, name: str) -> None:
-    """JSON's \\ud800 escapes give lone surrogates: no tokenizer can encode them."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise error(source, line, name, f"lone surrogate U+{ord(value[e.start]):04X} at "
-                     f"character {e.start} (not valid Unicode text)") from None
-
-
-def _example(record: Mapping[str, Any], kind: str, source: str, line: int) -> Example:
-    prompt = _field(record, "prompt", str, source, line)
-    if kind == COMPLETION:
-        completion = _field(record, "completion", str, source, line)
-        if not completion:
-            raise error(source, line, "completion", "empty string: nothing to score")
-        return Example(prompt=prompt, targets=(completion,), label=None)
-    options = _field(record, "options", list, source, line)
-    for i, option in enumerate(options):
-        if not isinstance(option, str):
-            raise error(source, line, f"options[{i}]",
-                         f"must be string, got {_json_type(option)} {reprlib.repr(option)}")
-        if not option:
-            raise error(source, line, f"options[{i}]", "empty string: nothing to score")
-        _check_text(option, source, line, f"options[{i}]")
-    if len(options) < 2:
-        raise error(source, line, "options", f"needs at least 2 options, got {len(options)}")
-    label = _field(record, "label", int, source, line)
-    if not 0 <= label < len(options):
-        raise error(source, line, "label",
-                     f"{label} out of range for {len(options)} options (0..{len(options) - 1})")
-    return Example(prompt=prompt, targets=tuple(options), label=label)

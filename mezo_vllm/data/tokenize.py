@@ -40,14 +40,19 @@ def tokenize(
 
     Separate tokenization (as in MeZO) makes the option boundary exact: joint tokenization
     could merge the last prompt token with the first option token. The BOS token, when the
-    tokenizer adds one, goes in front of the prompt. Options that differ only in their last
-    token share one request (`Request.alternatives`; all single-token options do), unless
-    `merge_options` is False; others get a request each, and share their context through the
-    engine's prefix cache. An example longer than `max_len` is, with `overflow="truncate"`,
-    cut from the left of its context (after the BOS), by the same amount for all its options
-    so they are compared on the same context; it is dropped when its longest target leaves no
-    context token, since the first target token must be predicted from something. With
-    `overflow="reject"` it is dropped whole.
+    tokenizer adds one, goes in front of the prompt, unless the prompt is a chat template's
+    rendering (`Example.templated`), which holds its special tokens already. Options that
+    differ only in their last token share one request (`Request.alternatives`; all
+    single-token options do), unless `merge_options` is False; others get a request each, and
+    share their context through the engine's prefix cache. An example longer than `max_len`
+    is, with `overflow="truncate"`, cut from the left of its context (after the BOS), by the
+    same amount for all its options so they are compared on the same context; it is dropped
+    when its longest target leaves no context token, since the first target token must be
+    predicted from something. With `overflow="reject"` it is dropped whole.
+
+    A completion with an empty prompt is a text (the `text` form): every token is predicted
+    from the ones before it, as in a causal LM's loss, so with no BOS in front its first
+    token is the context and is not scored; a text too long keeps its first `max_len` tokens.
     """
     if overflow not in ("truncate", "reject"):
         raise ValueError(f"overflow must be 'truncate' or 'reject', got {overflow!r}")
@@ -67,18 +72,29 @@ def tokenize(
             if not ids:
                 raise error(f"example {i}", None, f"targets[{j}]",
                             f"{example.targets[j]!r} tokenizes to no tokens")
-        if not bos and not prompt:
-            raise error(f"example {i}", None, "prompt", "empty prompt and no BOS token: "
-                        "the first target token has nothing to be predicted from")
+        head = [] if example.templated else bos
+        text = not example.prompt and len(targets) == 1
+        keep = max_len - len(head)  # a text's tokens that fit: its start is kept, as it is read in order
+        if text and overflow == "truncate" and len(targets[0]) > keep >= (1 if head else 2):
+            targets[0] = targets[0][:keep]
+            truncated += 1
+        if not head and not prompt:
+            if not text:
+                raise error(f"example {i}", None, "prompt", "empty prompt and no BOS token: "
+                            "the first target token has nothing to be predicted from")
+            if len(targets[0]) < 2:
+                raise error(f"example {i}", None, "prompt", "empty prompt and no BOS token, and a text of "
+                            "one token: nothing is left to score after the first token")
+            prompt, targets = targets[0][:1], [targets[0][1:]]
         room = max_len - max(len(ids) for ids in targets)  # context tokens that fit
-        if len(bos) + len(prompt) > room:
+        if len(head) + len(prompt) > room:
             if overflow == "reject" or room < 1:
                 rejected += 1
                 continue
-            keep = max(room - len(bos), 0)
+            keep = max(room - len(head), 0)
             prompt = prompt[len(prompt) - keep:]
             truncated += 1
-        context = bos + list(prompt)
+        context = head + list(prompt)
         groups = option_groups(targets) if merge_options else [[j] for j in range(len(targets))]
         for first, *others in groups:
             requests.append(Request(example=i, target=first, token_ids=tuple(context + targets[first]),
@@ -99,8 +115,8 @@ class Split:
     def make(cls, dataset: Dataset, tokenizer: Any, max_len: int, overflow: str) -> "Split":
         requests, report = tokenize(dataset.examples, tokenizer, max_len, overflow)
         if report.truncated or report.rejected:
-            tqdm.write(f"{dataset.name}: {report.truncated} examples truncated from the left, "
-                       f"{report.rejected} rejected (longer than {max_len} tokens)")
+            tqdm.write(f"{dataset.name}: {report.truncated} examples truncated (a context from the left, a text "
+                       f"at its end), {report.rejected} rejected (longer than {max_len} tokens)")
         by_example: dict[int, list[Request]] = {}
         for r in requests:
             by_example.setdefault(r.example, []).append(r)

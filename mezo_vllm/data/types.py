@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+from tqdm import tqdm
 
 CLASSIFICATION = "classification"
 COMPLETION = "completion"
 KINDS = (CLASSIFICATION, COMPLETION)
 
 __all__ = ["CLASSIFICATION", "COMPLETION", "KINDS", "DataError", "Example", "Dataset", "TaskSplits",
-           "Request", "error"]
+           "Request", "error", "held_warnings", "warn"]
 
 
 class DataError(Exception):
@@ -21,6 +26,32 @@ def error(source: str, line: int | None, field: str, what: str) -> DataError:
     return DataError(f"{where}: {field}: {what}")
 
 
+_held: list[list[tuple[str, str, str]]] = []  # the warnings of each open `held_warnings` block
+
+
+def warn(where: str, field: str, what: str) -> None:
+    """Data that loads but probably not as meant: one line on stderr, `warning: <where>: <field>: ...`
+    (through tqdm, so an open progress bar is not broken)."""
+    if _held:
+        _held[-1].append((where, field, what))
+    else:
+        tqdm.write(f"warning: {where}: {field}: {what}", file=sys.stderr)
+
+
+@contextmanager
+def held_warnings() -> Iterator[None]:
+    """The warnings of the block, said when it ends without an error and dropped when it raises:
+    a refused run shows its one error line, not warnings about data it never used."""
+    _held.append([])
+    try:
+        yield
+    except BaseException:
+        _held.pop()
+        raise
+    for held in _held.pop():
+        warn(*held)
+
+
 @dataclass(frozen=True)
 class Example:
     prompt: str
@@ -29,6 +60,9 @@ class Example:
     # Reference answers of a question-answering example (SQuAD, DROP), for squad_f1 and
     # exact_match; empty otherwise. targets[0] is built from answers[0].
     answers: tuple[str, ...] = ()
+    # The prompt is a chat template's rendering: the special tokens it needs (a BOS included)
+    # are in its text already, so tokenization adds none.
+    templated: bool = False
 
 
 @dataclass(frozen=True)
