@@ -25,8 +25,9 @@ def plot_curves(run: Path) -> Path:
     fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
     if steps:
         x = np.array([r["step"] for r in steps])
-        y = np.array([(r["loss_plus"] + r["loss_minus"]) / 2 for r in steps])
-        ax_loss.plot(x, y, alpha=0.3, label="batch loss (mean of ±ε)")
+        # one-sided rules (FZOO) log L(θ) itself; two-sided ones the mean of the ±ε pair
+        y = np.array([r["loss"] if "loss" in r else (r["loss_plus"] + r["loss_minus"]) / 2 for r in steps])
+        ax_loss.plot(x, y, alpha=0.3, label="batch loss (L(θ), or the mean of ±ε)")
         window = max(1, len(y) // 20)
         if window > 1:
             smooth = np.convolve(y, np.ones(window) / window, mode="valid")
