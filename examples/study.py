@@ -113,15 +113,16 @@ def run_name(setting: Setting, seed: int) -> str:
 
 
 def config(setting: Setting, seed: int, root: Path, steps: int | None = None):
-    """The run's TuneConfig. `steps` (a smoke run) replaces the setting's steps; warmup, eval and
-    save intervals shrink with it."""
+    """The run's TuneConfig. `steps` (a smoke or pilot run) replaces the setting's steps; warmup,
+    eval and save intervals shrink with it (to 0: dev only before and after, a checkpoint at the
+    end or when a sitting stops)."""
     from mezo_vllm.config import TuneConfig
 
     values = {**BASE, **setting.overrides, "seed": seed, "out": str(root / run_name(setting, seed))}
     if steps is not None:
         scale = steps / values["steps"]
-        values.update(steps=steps, warmup_steps=int(values.get("warmup_steps", 0) * scale),
-                      eval_every=max(int(values["eval_every"] * scale), 1), save_every=max(int(values["save_every"] * scale), 1))
+        values.update({key: int(values.get(key, 0) * scale) for key in ("warmup_steps", "eval_every", "save_every")},
+                      steps=steps)
     return TuneConfig(**values)
 
 
