@@ -52,7 +52,23 @@ class LowRank:
     rank: int
 
 
-Direction = int | LowRank  # an int seed is a dense Gaussian direction
+@dataclass(frozen=True)
+class Masked:
+    """`direction`'s z on part of the adapter only, 0 elsewhere, so only that part moves.
+
+    `sparsity` (Sparse-MeZO): that share of each tensor's entries is left out, the mask drawn
+    from the direction's seed and the tensor name like z itself, so every holder of θ draws the
+    same one and a step's ± variants and its update share it. The kept entries keep unit
+    variance (ε means what it means for a dense z); the expected step is then (1 − sparsity)
+    times ZO-SGD's, over an effective dimension that many times smaller, so a larger lr fits.
+    `b_only`: the A matrices get no z, so A stays at its seeded initialisation."""
+
+    direction: int | LowRank
+    sparsity: float = 0.0
+    b_only: bool = False
+
+
+Direction = int | LowRank | Masked  # an int seed is a dense Gaussian direction
 
 
 @dataclass(frozen=True)
@@ -74,7 +90,21 @@ def noise_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def _masked_noise(direction: Masked, name: str, shape: torch.Size) -> torch.Tensor:
+    if direction.b_only and name.endswith(".lora_A.weight"):
+        return torch.zeros(shape, dtype=torch.float32)
+    z = noise(direction.direction, name, shape)
+    if not direction.sparsity:
+        return z
+    base = direction.direction.u_seed if isinstance(direction.direction, LowRank) else direction.direction
+    generator = torch.Generator().manual_seed(noise_seed(base, f"sparse-mask:{name}"))
+    kept = torch.rand(shape, generator=generator) >= direction.sparsity
+    return torch.where(kept, z, torch.zeros((), dtype=z.dtype))
+
+
 def noise(seed: Direction, name: str, shape: torch.Size) -> torch.Tensor:
+    if isinstance(seed, Masked):
+        return _masked_noise(seed, name, shape)
     if isinstance(seed, LowRank):
         if len(shape) != 2:
             return noise(seed.u_seed, name, shape)

@@ -92,7 +92,9 @@ class TuneConfig(ModelSettings):
                                 checks=(in_half_open(0, 1),))
     lr: float = setting(2e-3, "learning rate (its peak under --lr-schedule)", aliases=("--learning_rate",),
                         checks=(above(0), finite))
-    lr_schedule: str = setting("linear", "linear: decay to 0 at the last step", choices=SCHEDULES)
+    lr_schedule: str = setting("linear", "linear or cosine: decay to 0 at the last step; constant: hold --lr",
+                               choices=SCHEDULES)
+    warmup_steps: int = setting(0, "steps that ramp the lr up to --lr before the schedule", checks=(at_least(0),))
     eps: float = setting(1e-2, "ε: the variants are θ ± εz", checks=(above(0), finite))
     batch_size: int = setting(16, "examples per step", aliases=("--per_device_train_batch_size",),
                               checks=(above(0),))
@@ -103,14 +105,21 @@ class TuneConfig(ModelSettings):
     seed: int = setting(0, "seed of the adapter's initialisation, the batches and the directions z")
     weight_decay: float = setting(0.0, "decoupled weight decay of the adapter", checks=(at_least(0), finite))
     # The update rule (estimator.py): zo-sgd, momentum (EMA of the last momentum_window
-    # estimates, rebuilt from their seeds), lozo (low-rank directions, V redrawn every lozo_period steps)
-    estimator: str = setting("zo-sgd", "update rule: ZO-SGD, ZO-SGD with momentum, LOZO (low-rank directions)",
+    # estimates, rebuilt from their seeds), lozo (low-rank directions, V redrawn every lozo_period
+    # steps), fzoo (--directions one-sided estimates around one unperturbed pass, std-normalised)
+    estimator: str = setting("zo-sgd", "update rule: ZO-SGD, ZO-SGD with momentum, LOZO (low-rank directions), "
+                             "FZOO (n one-sided estimates + one clean pass, normalised: its lr is a step length)",
                              choices=ESTIMATORS)
     momentum: float = setting(0.9, "--estimator momentum: β of the moving average", checks=(in_half_open(0, 1),))
     momentum_window: int = setting(16, "--estimator momentum: steps kept (their z is regenerated every step)",
                                    checks=(at_least(1),))
     lozo_rank: int = setting(2, "--estimator lozo: rank of each matrix's direction U·Vᵀ", checks=(at_least(1),))
     lozo_period: int = setting(50, "--estimator lozo: steps between redraws of V", checks=(at_least(1),))
+    # Which part of the adapter a direction perturbs (adapter.Masked), for every update rule
+    sparsity: float = setting(0.0, "Sparse-MeZO: share of each tensor's entries a direction leaves out, "
+                              "chosen from its seed (0 = dense)", checks=(in_half_open(0, 1),))
+    train_only: str | None = setting(None, "B: perturb and train only the B matrices; A stays at its "
+                                     "seeded initialisation", choices=("B",))
     objective: str = setting("loss", "loss: log-prob loss; f1: −F1 of greedy answers (generation tasks)",
                              choices=OBJECTIVES)
     dtype: str = setting("auto", "the engine's dtype (auto: float32 on CPU, bfloat16 on GPU, whose LoRA "
@@ -157,6 +166,12 @@ class TuneConfig(ModelSettings):
             raise ConfigError("--report-to tensorboard needs TensorBoard: pip install 'mezo-vllm[tensorboard]'")
         if (self.task is None) == (self.data is None):
             raise ConfigError("give exactly one of --task NAME or --data FILE")
+        if self.estimator == "fzoo" and self.directions < 2:
+            raise ConfigError("--estimator fzoo normalises by the spread of its estimates: it needs --directions ≥ 2")
+        if self.warmup_steps >= self.steps:
+            raise ConfigError(f"--warmup-steps {self.warmup_steps} must be below --steps {self.steps}")
+        if self.train_only == "B" and self.weight_decay:
+            raise ConfigError("--train-only B keeps A at its initialisation: --weight-decay would shrink it")
         if self.task is not None and (self.eval_data is not None or self.eval_split):
             raise ConfigError("--eval-data and --eval-split go with --data (a built-in task has its own dev split)")
         if self.eval_data is not None and self.eval_split:

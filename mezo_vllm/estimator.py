@@ -12,31 +12,50 @@ master copy can apply by regenerating z (see `adapter.Update`). So no rule here 
 - `LOZO` (Chen et al., 2024): low-rank directions z = U·Vᵀ/√k per matrix, U redrawn every step,
   V every `period` steps; each matrix moves in a k-dimensional subspace of its columns for a
   while, which lowers the estimate's variance for the same number of forward passes.
+- `FZOO` (Dang et al., ICLR 2026): n one-sided estimates sharing one unperturbed pass (n + 1
+  variants instead of 2n), each divided by the spread of the n perturbed losses.
+
+A rule says which variants a step scores (`variants`) and how their losses become g's
+(`estimates`), so the step loop is the same for two-sided pairs and for one shared clean pass.
+Every rule can perturb only part of the adapter (`adapter.Masked`: a seeded share of the
+entries, or the B matrices only).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
-from .adapter import Direction, LowRank, Update
+import numpy as np
+
+from .adapter import Direction, LowRank, Masked, Update
 
 
 def projected_gradient(loss_plus: float, loss_minus: float, eps: float) -> float:
     return (loss_plus - loss_minus) / (2.0 * eps)
 
 
-SCHEDULES = ("constant", "linear")
-ESTIMATORS = ("zo-sgd", "momentum", "lozo")
+SCHEDULES = ("constant", "linear", "cosine")
+ESTIMATORS = ("zo-sgd", "momentum", "lozo", "fzoo")
 
 
-def learning_rate(lr: float, schedule: str, step: int, steps: int) -> float:
-    """`linear` decays to 0 at the last step (HF Trainer's default, which MeZO's runs used): a
-    constant rate that is fast early makes the late, noisier steps overshoot."""
+def learning_rate(lr: float, schedule: str, step: int, steps: int, warmup: int = 0) -> float:
+    """The rate of `step` (0-based) of `steps`.
+
+    `linear` and `cosine` decay to 0 at the last step (HF Trainer's schedules, which MeZO's runs
+    used): a constant rate that is fast early makes the late, noisier steps overshoot. The first
+    `warmup` steps ramp up to `lr` ((step + 1)/warmup, so no step is wasted at rate 0), and the
+    decay then runs over the steps after them.
+    """
+    if step < warmup:
+        return lr * (step + 1) / warmup
     if schedule == "linear":
-        return lr * (1.0 - step / steps)
+        return lr * (1.0 - (step - warmup) / (steps - warmup))
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
     return lr
 
 
@@ -44,7 +63,17 @@ class Estimator(Protocol):
     """What the step loop needs of an update rule."""
 
     def directions(self, step: int, seeds: Sequence[int]) -> list[Direction]:
-        """The perturbation directions of a step, from its seeds (one per ±ε pair)."""
+        """The perturbation directions of a step, from its seeds (one per estimate)."""
+
+    def variants(self, directions: Sequence[Direction], eps: float) -> list[tuple[Direction, float]]:
+        """The variants θ + scale·z(direction) the step scores, all in one engine call; a scale
+        of 0.0 is θ itself."""
+
+    def estimates(self, losses: Sequence[float], eps: float) -> list[float]:
+        """One g per direction, from the losses of `variants` (in their order)."""
+
+    def loss_record(self, losses: Sequence[float]) -> dict[str, Any]:
+        """The losses as the step's trajectory line keeps them (with seeds and g's: a replay)."""
 
     def update(self, directions: Sequence[Direction], grads: Sequence[float], lr: float) -> Update:
         """The step's update; called once per step whose g's are all finite."""
@@ -62,12 +91,34 @@ def _step_grads(record: dict[str, Any]) -> tuple[list[int], list[float]]:
 
 @dataclass
 class ZOSGD:
-    """θ ← θ − lr·(ḡz̄ + wd·θ), with n directions averaged (n-SPSA) when several are given."""
+    """θ ← θ − lr·(ḡz̄ + wd·θ), with n directions averaged (n-SPSA) when several are given.
+
+    Each direction is scored as a ± pair, g = (L(θ+εz) − L(θ−εz))/2ε. `sparsity` and `b_only`
+    restrict every direction to part of the adapter (`adapter.Masked`); at their defaults the
+    directions are the plain seeds, as before they existed.
+    """
 
     weight_decay: float = 0.0
+    sparsity: float = 0.0
+    b_only: bool = False
 
     def directions(self, step: int, seeds: Sequence[int]) -> list[Direction]:
-        return list(seeds)
+        return self._masked(seeds)
+
+    def _masked(self, directions: Sequence[Direction]) -> list[Direction]:
+        if not (self.sparsity or self.b_only):
+            return list(directions)
+        return [Masked(d, self.sparsity, self.b_only) for d in directions]
+
+    def variants(self, directions: Sequence[Direction], eps: float) -> list[tuple[Direction, float]]:
+        return [(d, sign * eps) for d in directions for sign in (1.0, -1.0)]
+
+    def estimates(self, losses: Sequence[float], eps: float) -> list[float]:
+        return [projected_gradient(losses[2 * k], losses[2 * k + 1], eps) for k in range(len(losses) // 2)]
+
+    def loss_record(self, losses: Sequence[float]) -> dict[str, Any]:
+        """The first pair's losses: with the seeds and g's, every step replays."""
+        return {"loss_plus": losses[0], "loss_minus": losses[1]}
 
     def update(self, directions: Sequence[Direction], grads: Sequence[float], lr: float) -> Update:
         n = len(directions)
@@ -127,21 +178,55 @@ class LOZO(ZOSGD):
     seed: int = 0
 
     def directions(self, step: int, seeds: Sequence[int]) -> list[Direction]:
-        return [LowRank(u_seed=s, v_seed=self._v_seed(step // self.period, k), rank=self.rank)
-                for k, s in enumerate(seeds)]
+        return self._masked([LowRank(u_seed=s, v_seed=self._v_seed(step // self.period, k), rank=self.rank)
+                             for k, s in enumerate(seeds)])
 
     def _v_seed(self, period: int, direction: int) -> int:
         digest = hashlib.blake2b(f"lozo-v:{self.seed}:{period}:{direction}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+@dataclass
+class FZOO(ZOSGD):
+    """FZOO (Dang et al., ICLR 2026): n one-sided estimates around one unperturbed pass, each
+    divided by the standard deviation σ of the n perturbed losses.
+
+    The step scores n + 1 variants, θ and θ + εzᵢ, and moves θ ← θ − (lr/n)·Σ ĝᵢzᵢ with
+    ĝᵢ = (L(θ+εzᵢ) − L(θ))/σ, σ the population std of the L(θ+εzᵢ), as the authors' code
+    computes it (DKmiyan/FZOO, `zo_step`; the paper's formula has a further 1/ε). Since
+    L(θ+εzᵢ) − L(θ) ≈ ε∇L·zᵢ and σ ≈ ε‖∇L‖, ĝᵢ ≈ ∇L·zᵢ/‖∇L‖: this is normalised SGD, whose
+    step length is lr whatever the gradient's scale or ε (a steep batch takes no bigger
+    step than a flat one), so its lr is not ZO-SGD's. The authors perturb with Rademacher
+    ±1 vectors for GPU speed; z here is the same seeded Gaussian as for every rule. σ = 0
+    (all perturbed losses equal) gives no estimate: the step is skipped as non-finite.
+    """
+
+    def variants(self, directions: Sequence[Direction], eps: float) -> list[tuple[Direction, float]]:
+        return [(directions[0], 0.0), *((d, eps) for d in directions)]
+
+    def estimates(self, losses: Sequence[float], eps: float) -> list[float]:
+        clean, perturbed = losses[0], list(losses[1:])
+        sigma = float(np.std(perturbed))
+        if not sigma > 0.0:
+            return [math.nan] * len(perturbed)
+        return [(loss - clean) / sigma for loss in perturbed]
+
+    def loss_record(self, losses: Sequence[float]) -> dict[str, Any]:
+        """L(θ), the batch loss itself, and the n perturbed losses (ĝ replays from them)."""
+        return {"loss": losses[0], "losses": list(losses[1:])}
+
+
 def make_estimator(name: str, weight_decay: float = 0.0, momentum: float = 0.9, window: int = 16,
-                   lozo_rank: int = 2, lozo_period: int = 50, seed: int = 0) -> Estimator:
+                   lozo_rank: int = 2, lozo_period: int = 50, seed: int = 0, sparsity: float = 0.0,
+                   b_only: bool = False) -> Estimator:
     """The estimator a run's settings name (TuneConfig has validated them)."""
+    masks = dict(sparsity=sparsity, b_only=b_only)
     if name == "momentum":
-        return Momentum(weight_decay, beta=momentum, window=window)
+        return Momentum(weight_decay, beta=momentum, window=window, **masks)
     if name == "lozo":
-        return LOZO(weight_decay, rank=lozo_rank, period=lozo_period, seed=seed)
+        return LOZO(weight_decay, rank=lozo_rank, period=lozo_period, seed=seed, **masks)
+    if name == "fzoo":
+        return FZOO(weight_decay, **masks)
     if name == "zo-sgd":
-        return ZOSGD(weight_decay)
+        return ZOSGD(weight_decay, **masks)
     raise ValueError(f"unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}")

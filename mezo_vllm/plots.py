@@ -28,7 +28,7 @@ def plot_curves(run: Path) -> Path:
     fig, (ax_loss, ax_dev) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
         steps = [r["step"] for r in train]
-        ax_loss.plot(steps, [r["train_loss"] for r in train], alpha=0.3, label="batch loss (mean of ±ε)")
+        ax_loss.plot(steps, [r["train_loss"] for r in train], alpha=0.3, label="batch loss (mean of the step's losses)")
         ax_loss.plot(steps, [r["train_loss_ema"] for r in train], label="moving average")
         ax_loss.legend()
     ax_loss.set(title="training loss", xlabel="step", ylabel="loss")

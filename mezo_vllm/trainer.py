@@ -32,7 +32,7 @@ from .errors import EngineStartError
 from .data import (CLASSIFICATION, Dataset, Request, Split, hold_out, load_file, load_records, load_task,
                    save_records, tokenizer_loader)
 from .data.types import held_warnings, warn
-from .estimator import Estimator, learning_rate, make_estimator, projected_gradient
+from .estimator import Estimator, learning_rate, make_estimator
 from .evaluation import evaluate, generation_scores
 from .model import ModelError, resolve_model
 from .platform_policy import engine_dtype
@@ -138,8 +138,8 @@ def batch_loss(split: Split, requests: Sequence[Request], sums: np.ndarray) -> n
 
 @dataclass(frozen=True)
 class StepResult:
-    losses: list[float]  # L(θ+εz), L(θ−εz) for each direction, in order
-    grads: list[float]  # the projected gradient g of each direction
+    losses: list[float]  # of the estimator's variants, in order (ZO-SGD: L(θ+εz), L(θ−εz) per direction)
+    grads: list[float]  # the estimate g of each direction
 
     @property
     def finite(self) -> bool:
@@ -149,19 +149,21 @@ class StepResult:
 
 def mezo_step(engine: ScoringEngine, split: Split, requests: Sequence[Request], directions: Sequence[Direction],
               eps: float, estimator: Estimator, lr: float, objective_name: str = "loss") -> StepResult:
-    """One MeZO step: ±εz variants in their slots, one engine call, g, a seeded update.
+    """One MeZO step: the estimator's variants (±εz pairs, or θ and θ+εzᵢ) in their slots, one
+    engine call, g, a seeded update.
 
     objective "loss": the batch loss from scored log-probs; "f1": −F1 of each variant's greedy
     answers (MeZO's non-differentiable objective), all variants generated in one call.
     """
-    engine.write_variants([(d, sign * eps) for d in directions for sign in (1.0, -1.0)])
-    variants = list(range(2 * len(directions)))
+    writes = estimator.variants(directions, eps)
+    engine.write_variants(writes)
+    variants = list(range(len(writes)))
     if objective_name == "f1":
         f1, _ = generation_scores(engine, split, list(dict.fromkeys(r.example for r in requests)), variants)
         losses = [-float(row.mean()) for row in f1]
     else:
         losses = batch_loss(split, requests, engine.score(requests, variants)).tolist()
-    grads = [projected_gradient(losses[2 * k], losses[2 * k + 1], eps) for k in range(len(directions))]
+    grads = estimator.estimates(losses, eps)
     result = StepResult(losses, grads)
     if result.finite:
         engine.apply_update(estimator.update(directions, grads, lr))
@@ -517,7 +519,7 @@ def _loop(cfg: TuneConfig, p: Prepared, engine: Any, train: Split, progress: _Pr
           dev_metrics: Any, out: RunOutputs) -> int:
     """The steps from `start` to `cfg.steps`; returns the count of skipped (non-finite) steps."""
     estimator = make_estimator(cfg.estimator, cfg.weight_decay, cfg.momentum, cfg.momentum_window,
-                               cfg.lozo_rank, cfg.lozo_period, cfg.seed)
+                               cfg.lozo_rank, cfg.lozo_period, cfg.seed, cfg.sparsity, cfg.train_only == "B")
     estimator.restore(progress.taken)  # e.g. momentum's window of recent (seed, g)
     examples = sorted(train.by_example)
     skipped, in_a_row = progress.skipped, progress.skipped_in_a_row
@@ -529,11 +531,11 @@ def _loop(cfg: TuneConfig, p: Prepared, engine: Any, train: Split, progress: _Pr
             t0 = time.perf_counter()
             requests = train.requests_of(batch_examples(cfg.seed, step, examples, cfg.batch_size))
             seeds = [step_seed(cfg.seed, step, k) for k in range(cfg.directions)]
-            lr = learning_rate(cfg.lr, cfg.lr_schedule, step, cfg.steps)
+            lr = learning_rate(cfg.lr, cfg.lr_schedule, step, cfg.steps, cfg.warmup_steps)
             result = mezo_step(engine, train, requests, estimator.directions(step, seeds), cfg.eps,
                                estimator, lr, cfg.objective)
-            record = {"step": step, "seed": seeds[0], "g": result.grads[0], "loss_plus": result.losses[0],
-                      "loss_minus": result.losses[1], "lr": lr}
+            record = {"step": step, "seed": seeds[0], "g": result.grads[0],
+                      **estimator.loss_record(result.losses), "lr": lr}
             if cfg.directions > 1:
                 record.update(seeds=seeds, grads=result.grads)
             skipped, in_a_row = skipped + (not result.finite), 0 if result.finite else in_a_row + 1

@@ -4,13 +4,15 @@ resume in the step loop (on the stand-in engine of test_trainer_loop.py)."""
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
-from mezo_vllm.adapter import LoraAdapter, LoraSpec, LowRank, Update, model_linear_shapes, noise
+from mezo_vllm.adapter import LoraAdapter, LoraSpec, LowRank, Masked, Update, model_linear_shapes, noise
 from mezo_vllm.config import ConfigError, TuneConfig
-from mezo_vllm.estimator import LOZO, Momentum, ZOSGD, make_estimator
+from mezo_vllm.estimator import FZOO, LOZO, Momentum, ZOSGD, learning_rate, make_estimator
 from mezo_vllm.model import resolve_model
 from mezo_vllm.trainer import tune
 from test_trainer_loop import StandInEngine
@@ -154,3 +156,176 @@ def test_stateful_estimators_resume_exactly_and_replay(tmp_path, tokenizer, opti
     scale = max(t.abs().max().item() for t in theta.values())  # fp32 vs fp64 rounding, relative
     assert max((whole[k].double() - theta[k]).abs().max().item() for k in theta) < 1e-6 * scale
     assert any(whole[k].abs().max() > 0 for k in whole if "lora_B" in k)
+
+
+# --------------------------------------------------------------------------- FZOO, masks, schedules
+
+def _small_adapter() -> LoraAdapter:
+    """A 3×4 module at rank 2 (14 entries): few enough for a Monte Carlo mean to converge."""
+    g = torch.Generator().manual_seed(3)
+    a = LoraAdapter.init(LoraSpec(r=2, alpha=2.0, targets=("q_proj",)), {"layers.0.q_proj": (3, 4)}, seed=1)
+    return LoraAdapter(a.spec, {k: torch.randn(v.shape, generator=g) for k, v in a.tensors.items()})
+
+
+class _Quadratic:
+    """L(θ) = ½ Σ d·(θ − θ*)² over every entry: its gradient D(θ − θ*) is known exactly."""
+
+    def __init__(self, adapter: LoraAdapter):
+        g = torch.Generator().manual_seed(4)
+        self.target = {k: torch.randn(t.shape, generator=g).double() for k, t in adapter.tensors.items()}
+        self.curvature = {k: 0.5 + 1.5 * torch.rand(t.shape, generator=g).double() for k, t in adapter.tensors.items()}
+
+    def __call__(self, tensors: dict[str, torch.Tensor]) -> float:
+        return float(sum((0.5 * self.curvature[k] * (t.double() - self.target[k]) ** 2).sum() for k, t in tensors.items()))
+
+    def gradient(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: self.curvature[k] * (t.double() - self.target[k]) for k, t in tensors.items()}
+
+
+def _dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return float(sum((a[k] * b[k]).sum() for k in a))
+
+
+def test_fzoo_is_normalised_sgd_on_a_quadratic():
+    """Oracle: slot 0 is θ and slot i is θ + εzᵢ, so (Lᵢ − L₀)/ε is ∇L·zᵢ up to the curvature
+    term ε/2·zᵢᵀDzᵢ; and the mean update over many steps is −lr·c·∇L/‖∇L‖ (normalised SGD),
+    c = E[w₁²/std(w)] for w ~ N(0, Iₙ) (the losses' spread is ε‖∇L‖·std(w))."""
+    n, eps, lr, steps = 8, 1e-3, 0.1, 1000
+    adapter = _small_adapter()
+    loss = _Quadratic(adapter)
+    grad = loss.gradient(adapter.tensors)
+    norm = math.sqrt(_dot(grad, grad))
+    fzoo, total = FZOO(), {k: torch.zeros_like(v) for k, v in grad.items()}
+    for step in range(steps):
+        directions = fzoo.directions(step, [10_000 + n * step + i for i in range(n)])
+        writes = fzoo.variants(directions, eps)
+        assert writes[0][1] == 0.0 and [s for _, s in writes[1:]] == [eps] * n
+        losses = [loss(v) for v in adapter.variants(writes)]
+        assert losses[0] == loss(adapter.tensors)
+        if step < 20:
+            for d, perturbed in zip(directions, losses[1:]):
+                z = _z(d, adapter)
+                curvature = 0.5 * eps * float(sum((loss.curvature[k] * z[k] ** 2).sum() for k in z))
+                assert abs((perturbed - losses[0]) / eps - _dot(grad, z)) <= 1.01 * curvature + 1e-3 * norm
+        update = fzoo.update(directions, fzoo.estimates(losses, eps), lr)
+        for d, coeff in update.terms:
+            z = _z(d, adapter)
+            total = {k: total[k] + coeff * z[k] for k in total}
+    mean = {k: v / steps for k, v in total.items()}
+    w = np.random.default_rng(0).standard_normal((400_000, n))
+    c = float(np.mean(w[:, 0] ** 2 / w.std(axis=1)))
+    expected = {k: -lr * c * g / norm for k, g in grad.items()}
+    error = {k: mean[k] - expected[k] for k in mean}
+    assert math.sqrt(_dot(error, error)) < 0.1 * lr * c  # Monte Carlo error ≈ 0.04·lr·c here
+    assert all(math.isnan(g) for g in FZOO().estimates([1.0, 2.0, 2.0], eps))  # σ = 0: a skipped step
+
+
+def test_sparse_directions_move_only_their_seeded_entries():
+    """A Masked direction perturbs and updates the same seeded share of entries (the ± pair and
+    the update regenerate it), keeps the dense z there, and its two-sided g is ∇L·z of the
+    masked z (exact on a quadratic); b_only leaves every A bitwise as it was."""
+    name, shape = "m.lora_B.weight", torch.Size([200, 100])
+    z, dense = noise(Masked(5, sparsity=0.75), name, shape), noise(5, name, shape)
+    kept = z != 0
+    assert 0.24 < kept.float().mean().item() < 0.26
+    assert torch.equal(z[kept], dense[kept])
+    assert torch.equal(noise(Masked(5, sparsity=0.75), name, shape), z)  # a function of the seed
+    assert (noise(Masked(6, sparsity=0.75), name, shape) != 0).ne(kept).float().mean() > 0.3  # another seed, another mask
+    assert (noise(Masked(5, sparsity=0.75), "n.lora_B.weight", shape) != 0).ne(kept).float().mean() > 0.3
+    low = Masked(LowRank(5, 9, 2), sparsity=0.5)
+    assert torch.equal(noise(low, name, shape) != 0, noise(Masked(5, sparsity=0.5), name, shape) != 0)
+
+    adapter = _small_adapter()
+    loss, eps = _Quadratic(adapter), 1e-3
+    grad = loss.gradient(adapter.tensors)
+    for direction in (Masked(7, sparsity=0.5), Masked(7, sparsity=0.5, b_only=True), Masked(7, b_only=True)):
+        mask = {k: noise(direction, k, t.shape) != 0 for k, t in adapter.tensors.items()}
+        plus, minus = adapter.variants([(direction, eps), (direction, -eps)])
+        moved = adapter.copy()
+        moved.apply(Update(terms=((direction, 0.5),)))
+        for k, t in adapter.tensors.items():
+            for changed in (plus[k] != t, minus[k] != t, moved.tensors[k] != t):
+                assert torch.equal(changed, mask[k]), k
+            if direction.b_only and "lora_A" in k:
+                assert not mask[k].any() and torch.equal(moved.tensors[k], t)
+        assert any(m.any() for m in mask.values()) and not all(m.all() for m in mask.values())
+        g = ZOSGD().estimates([loss(plus), loss(minus)], eps)[0]
+        assert g == pytest.approx(_dot(grad, _z(direction, adapter)), rel=1e-3, abs=1e-3)
+
+
+def _replay(records: list[dict], options: dict) -> dict[str, torch.Tensor]:
+    """θ from the trajectory alone, in float64: FZOO's ĝ recomputed from the logged losses."""
+    replay = LoraAdapter.init(LoraSpec(), model_linear_shapes(resolve_model(None)), seed=0)
+    theta = {k: v.double() for k, v in replay.tensors.items()}
+    for r in records:
+        seeds, grads = (r["seeds"], r["grads"]) if "seeds" in r else ([r["seed"]], [r["g"]])
+        if options["estimator"] == "fzoo":
+            sigma = float(np.std(r["losses"]))
+            assert grads == [(loss - r["loss"]) / sigma for loss in r["losses"]]
+        else:
+            assert grads[0] == pytest.approx((r["loss_plus"] - r["loss_minus"]) / 2e-2)
+        masked = options.get("sparsity", 0.0) or options.get("train_only")
+        dirs = [Masked(s, options.get("sparsity", 0.0), options.get("train_only") == "B") if masked else s
+                for s in seeds]
+        theta = {k: theta[k] - r["lr"] * sum(g * noise(d, k, t.shape).double() for d, g in zip(dirs, grads)) / len(dirs)
+                 for k, t in replay.tensors.items()}
+    return theta
+
+
+@pytest.mark.parametrize("options", [dict(estimator="fzoo", directions=3),
+                                     dict(estimator="fzoo", directions=2, sparsity=0.5, train_only="B",
+                                          lr_schedule="cosine", warmup_steps=3),
+                                     dict(estimator="zo-sgd", sparsity=0.9, lr_schedule="linear")])
+def test_new_rules_resume_exactly_and_replay(tmp_path, tokenizer, options):
+    """As for the stateful rules: crash at step 9 (checkpoint at 8), resume, bitwise the
+    uninterrupted run; a float64 replay of the trajectory gives the same θ; with --train-only B
+    every A is bitwise its initialisation."""
+    tune(_cfg(tmp_path, "whole", **options), engine=StandInEngine(tokenizer))
+    with pytest.raises(Exception, match="engine died"):
+        tune(_cfg(tmp_path, "crashed", **options), engine=StandInEngine(tokenizer, fail_at_call=11))
+    tune(_cfg(tmp_path, "crashed", **options), resume=True, engine=StandInEngine(tokenizer))
+    whole = LoraAdapter.load(tmp_path / "whole/adapter").tensors
+    resumed = LoraAdapter.load(tmp_path / "crashed/adapter").tensors
+    assert all(torch.equal(resumed[k], v) for k, v in whole.items())
+    assert (tmp_path / "crashed/trajectory.jsonl").read_text() == (tmp_path / "whole/trajectory.jsonl").read_text()
+
+    records = [json.loads(line) for line in (tmp_path / "whole/trajectory.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and not any(r.get("skipped") for r in records)
+    theta = _replay(records, options)
+    scale = max(t.abs().max().item() for t in theta.values())
+    assert max((whole[k].double() - theta[k]).abs().max().item() for k in theta) < 1e-6 * scale
+    init = LoraAdapter.init(LoraSpec(), model_linear_shapes(resolve_model(None)), seed=0).tensors
+    b_moved = [(whole[k] != init[k]).float().mean().item() for k in whole if "lora_B" in k]
+    assert min(b_moved) > 0
+    if options.get("train_only") == "B":
+        assert all(torch.equal(whole[k], init[k]) for k in whole if "lora_A" in k)
+    if options.get("sparsity") == 0.9:  # 12 directions of 10% each: 1 − 0.9¹² ≈ 72% moved
+        assert 0.68 < sum(b_moved) / len(b_moved) < 0.76
+
+
+def test_schedules_and_warmup():
+    lr, steps = 0.5, 10
+    assert [learning_rate(lr, "linear", s, steps) for s in range(steps)] == [lr * (1.0 - s / steps) for s in range(steps)]
+    assert [learning_rate(lr, "constant", s, steps, warmup=4) for s in range(6)] == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    cosine = [learning_rate(lr, "cosine", s, steps, warmup=2) for s in range(steps)]
+    assert cosine[:3] == [0.25, 0.5, 0.5] and cosine[3] < 0.5
+    assert cosine[6] == pytest.approx(lr * 0.5) and 0 < cosine[-1] < 0.02  # halfway through the 8 decay steps
+    assert all(a > b for a, b in zip(cosine[2:], cosine[3:]))
+    assert learning_rate(lr, "linear", 4, steps, warmup=4) == lr and learning_rate(lr, "linear", 7, steps, warmup=4) == lr / 2
+
+
+def test_new_settings_are_checked():
+    assert isinstance(make_estimator("fzoo"), FZOO)
+    assert make_estimator("lozo", sparsity=0.5).directions(0, [1])[0].sparsity == 0.5
+    assert make_estimator("momentum", b_only=True).directions(0, [1]) == [Masked(1, 0.0, True)]
+    for bad, message in [({"estimator": "fzoo"}, "--estimator fzoo .* needs --directions ≥ 2"),
+                         ({"warmup_steps": 300}, "--warmup-steps 300 must be below --steps 300"),
+                         ({"warmup_steps": -1}, "--warmup-steps must be ≥ 0"),
+                         ({"sparsity": 1.0}, r"--sparsity must be in \[0, 1\)"),
+                         ({"train_only": "A"}, "--train-only must be one of B"),
+                         ({"train_only": "B", "weight_decay": 0.1}, "--weight-decay would shrink it"),
+                         ({"lr_schedule": "step"}, "--lr-schedule must be one of constant, linear, cosine")]:
+        with pytest.raises(ConfigError, match=message):
+            TuneConfig(out="x", task="sst2", **bad).validate()
+    TuneConfig(out="x", task="sst2", estimator="fzoo", directions=2, sparsity=0.5, train_only="B",
+               lr_schedule="cosine", warmup_steps=10).validate()

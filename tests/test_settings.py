@@ -30,9 +30,9 @@ TUNE = {
     "--task": (None, "text"), "--data": (None, "path"), "--eval-data": (None, "path"), "--eval-split": (0.0, "float"),
     "--model": (None, "text"), "--out": (None, "path"), "--resume": (None, "path"),
     "--overwrite": (False, "boolean"), "--targets": ("q_proj,v_proj", "text"), "--rank": (8, "integer"),
-    "--alpha": (16.0, "float"), "--lr": (0.002, "float"), "--lr-schedule": ("linear", ("constant", "linear")),
+    "--alpha": (16.0, "float"), "--lr": (0.002, "float"), "--lr-schedule": ("linear", ("constant", "linear", "cosine")),
     "--eps": (0.01, "float"), "--batch-size": (16, "integer"), "--steps": (300, "integer"),
-    "--directions": (1, "integer"), "--estimator": ("zo-sgd", ("zo-sgd", "momentum", "lozo")),
+    "--directions": (1, "integer"), "--estimator": ("zo-sgd", ("zo-sgd", "momentum", "lozo", "fzoo")),
     "--momentum": (0.9, "float"), "--momentum-window": (16, "integer"), "--lozo-rank": (2, "integer"),
     "--lozo-period": (50, "integer"), "--objective": ("loss", ("loss", "f1")), "--seed": (0, "integer"),
     "--weight-decay": (0.0, "float"), "--dtype": ("float32", ("float32", "bfloat16")),
@@ -44,6 +44,8 @@ TUNE = {
     # added since (issue 14)
     "--verbose": (False, "boolean"), "--init-adapter": (None, "path"), "--save-total-limit": (0, "integer"),
     "--report-to": ("none", ("none", "tensorboard")),
+    # added for issue 12 (defaults keep earlier runs' behaviour)
+    "--warmup-steps": (0, "integer"), "--sparsity": (0.0, "float"), "--train-only": (None, ("B",)),
 }
 VALIDATE = {
     "--task": (None, "text"), "--data": (None, "path"), "--model": (None, "text"), "--adapter": (None, "path"),
@@ -113,14 +115,15 @@ def test_aliases_are_listed_in_help():
 
 
 def test_saved_config_keys_are_unchanged():
-    """A run's config.json from before resumes: no field was renamed, added or dropped."""
+    """A run's config.json from before resumes: no field was renamed or dropped, and the ones added
+    since (warmup_steps, sparsity, train_only) default to what runs did before them."""
     assert {f.name for f in fields(TuneConfig)} == {
         "out", "model", "task", "data", "eval_data", "eval_split", "targets", "rank", "alpha", "lr", "lr_schedule", "eps",
         "batch_size", "steps", "directions", "seed", "weight_decay", "estimator", "momentum", "momentum_window",
         "lozo_rank", "lozo_period", "objective", "dtype", "eval_every", "save_every", "max_length", "overflow",
         "eval_examples", "fast", "engine", "replicas", "ray_address", "tensor_parallel_size",
         "pipeline_parallel_size", "trust_remote_code",
-        "init_adapter", "save_total_limit", "report_to"}  # added since: a config.json without them resumes
+        "init_adapter", "save_total_limit", "report_to", "warmup_steps", "sparsity", "train_only"}  # added since: a config.json without them resumes
 
 
 def test_validate_shares_the_model_settings_with_tune():

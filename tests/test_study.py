@@ -1,0 +1,78 @@
+"""examples/study.py without an engine: which runs are left, the refusal of results from other
+settings, the bf16 skip, and the report's mean ± std over seeds (synthetic result files)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+_SPEC = importlib.util.spec_from_file_location("study", Path(__file__).parent.parent / "examples" / "study.py")
+study = sys.modules["study"] = importlib.util.module_from_spec(_SPEC)  # dataclasses look it up there
+_SPEC.loader.exec_module(study)
+
+
+def _result(root: Path, setting: str, seed: int, status: str = "done", **values) -> None:
+    cfg = study.config(study.BY_NAME[setting], seed, root)
+    record = {"name": f"{setting}-s{seed}", "config": study._as_saved(cfg), "status": status, "seed": seed,
+              "steps": cfg.steps, "dev_curve": [{"step": cfg.steps, "accuracy": values.get("dev_final", 0.5),
+                                                  "wall_s": 60.0}], **values}
+    (root / f"{setting}-s{seed}.json").write_text(json.dumps(record))
+
+
+def test_pending_skips_finished_runs_and_refuses_other_settings(tmp_path):
+    _result(tmp_path, "base", 0)
+    _result(tmp_path, "base", 1, status="diverged")
+    _result(tmp_path, "base", 2, status=None)  # a sitting stopped by --minutes: to be resumed
+    todo = study._pending([study.BY_NAME["base"], study.BY_NAME["cosine"]], [0, 1, 2], tmp_path, None)
+    assert [(s.name, seed) for s, seed in todo] == [("base", 2), ("cosine", 0), ("cosine", 1), ("cosine", 2)]
+    with pytest.raises(Exception, match=r"base-s0.json was run with other settings \(eval_every, save_every, steps\)"):
+        study._pending([study.BY_NAME["base"]], [0], tmp_path, 5)  # a smoke run into the real results
+
+
+def test_steps_override_scales_warmup_and_intervals():
+    cfg = study.config(study.BY_NAME["cosine-warmup-30"], 1, Path("r"), steps=100)
+    assert (cfg.steps, cfg.warmup_steps, cfg.eval_every, cfg.save_every, cfg.seed) == (100, 10, 8, 16, 1)
+    assert cfg.out == "r/cosine-warmup-30-s1"
+    fzoo = study.config(study.BY_NAME["fzoo-n4-lr-1e-2"], 0, Path("r"))
+    assert (fzoo.estimator, fzoo.directions, fzoo.steps) == ("fzoo", 4, 120)  # 5 variants/step: 2/5 of 300
+    for setting in study.GRID:
+        study.config(setting, 0, Path("r")).validate()
+
+
+def test_bf16_settings_are_skipped_without_native_bf16(tmp_path, monkeypatch):
+    children = []  # never start an engine here, even if the skip breaks
+    monkeypatch.setattr(study.subprocess, "run",
+                        lambda command: children.append(command) or subprocess.CompletedProcess(command, 0))
+    monkeypatch.setattr(study, "native_bf16", lambda: (False, "neither avx512_bf16 nor amx_bf16"))
+    result = CliRunner().invoke(study.main, ["run", "--setting", "bf16-*", "--setting", "base", "--seeds", "0",
+                                             "--root", str(tmp_path)])
+    out = result.output
+    assert result.exit_code == 0, out
+    assert "skipping the bf16 settings: this CPU has no native bf16 (neither avx512_bf16 nor amx_bf16)" in out
+    assert "1 runs to do in 1 engine shapes" in out
+    assert len(children) == 1 and children[0][-1] == "base-s0"
+
+
+def test_report_table_is_mean_and_std_over_seeds_sorted_by_dev(tmp_path):
+    for seed, (test, dev, wall) in enumerate([(0.80, 0.70, 600.0), (0.84, 0.74, 660.0), (0.88, 0.78, 720.0)]):
+        _result(tmp_path, "cosine", seed, test_accuracy=test, dev_final=dev, wall_s=wall)
+    _result(tmp_path, "base", 0, test_accuracy=0.9, dev_final=0.6, wall_s=300.0)
+    _result(tmp_path, "base", 1, status="diverged")
+    found = study.rows(tmp_path)
+    assert [r.setting.name for r in found] == ["cosine", "base"]  # chosen on dev, not on test
+    mean, std = found[0].stat("test_accuracy")
+    assert mean == pytest.approx(0.84) and std == pytest.approx(0.04)  # sample std over the 3 seeds
+    assert math.isnan(found[1].stat("test_accuracy")[1])
+    text = study.table(found)
+    assert "| cosine | schedule | lr_schedule=cosine | 3 | 300 | 74.0 ± 4.0 | 84.0 ± 4.0 | 11.0 ± 1.0 |" in text
+    assert "| base | defaults | — | 1 (+1 diverged) | 300 | 60.0 | 90.0 | 5.0 |" in text
+    result = CliRunner().invoke(study.main, ["report", "--root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "table.md").read_text().strip() == text and (tmp_path / "study.png").stat().st_size > 10_000
