@@ -121,6 +121,36 @@ def test_export_refuses_an_unfinished_run_and_an_existing_destination(tmp_path):
     assert [p.name for p in (tmp_path / "taken").iterdir()] == ["mine.txt"]
 
 
+# --------------------------------------------------------------------------- validate's verdicts
+
+
+@pytest.mark.parametrize("change, code, lines", [
+    ({}, 0, ["pass  1 losses", "pass  6 prefix sharing", "pass  5 adapter-independent loss: g = 0"]),
+    ({"prefix_sharing": {"max_loss_diff": 1e-3, "requests": 32, "context_tokens": 150}}, 1,
+     ["FAIL  6 prefix sharing", "pass  1 losses"]),
+    ({"adapter_independent_g": [0.0, 1e-9]}, 1, ["FAIL  5 adapter-independent loss: g = 0"]),
+    ({"adapter_independent_g": None}, 0, ["not run  5 adapter-independent loss: g = 0", "pass  2 gradient"]),
+])
+def test_validate_exits_by_its_verdicts(tmp_path, monkeypatch, change, code, lines):
+    """`validate` prints each check's verdict from results.json and exits 1 when one failed; a
+    check that did not run says "not run", never "pass", and is no failure. The results are the
+    committed report's (docs/validate), changed; the checks themselves are not run here."""
+    import mezo_vllm.validate as V
+
+    results = {**json.loads((README.parent / "docs/validate/results.json").read_text()), **change}
+    out = tmp_path / "v"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(results))
+    monkeypatch.setattr(V, "run_validate", lambda cfg, echo: out)
+    result = CliRunner().invoke(main, ["validate", "--task", "sst2", "--out", str(out)])
+    assert result.exit_code == code, result.output
+    printed = result.output.splitlines()
+    assert len(printed) == 5 and all(line in printed for line in lines), printed
+    table = [line for line in V.report(results).splitlines() if line.startswith("| 5 adapter")]
+    verdict = {True: "pass", False: "**FAIL**", None: "not run"}[V.passed(results)["5 adapter-independent loss: g = 0"]]
+    assert table == [f"| 5 adapter-independent loss: g = 0 | {verdict} |"]
+
+
 # --------------------------------------------------------------------------- tune on the CLI
 
 

@@ -91,38 +91,24 @@ def test_eval_prints_the_metric_without_and_with_the_adapter(tmp_path, shared_en
 # --------------------------------------------------------------------------- validate
 
 
-def test_validate_command_writes_its_report_and_exits_by_its_verdicts(tmp_path, shared_engine, monkeypatch):
-    """`mezo-vllm validate` (short settings) on the shared engine: exit 0 when every check passes,
-    its files, and each verdict printed; then the same results with a failed check exit 1 and one
-    that did not run says "not run" (the CLI reads results.json, as the user would)."""
+def test_validate_command_writes_its_report_and_passes(tmp_path, shared_engine):
+    """`mezo-vllm validate` (short settings) on the shared engine: exit 0, its four files, the
+    settings in its results, and every verdict "pass" on the terminal and in the report.
+    (tests/test_commands.py: a failed check exits 1, one that did not run says "not run".)"""
     out = tmp_path / "v"
-    args = ["validate", "--task", "sst2", "--out", str(out), "--seeds", "2", "--vllm-directions", "10",
-            "--batch-size", "4"]
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, ["validate", "--task", "sst2", "--out", str(out), "--seeds", "2",
+                                       "--vllm-directions", "10", "--batch-size", "4"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["cosine_vs_n.png", "eps_sweep.png", "report.md", "results.json"]
     results = json.loads((out / "results.json").read_text())
     assert [r["seed"] for r in results["gradient"]] == [1, 2] and results["batch"]["examples"] == 4
     assert [r["n"] for r in results["cosine"] if r["vllm"] is not None] == [1, 10]
+    assert results["adapter_independent_g"] == [0.0, 0.0]
     verdicts = V.passed(results)
-    assert all(verdicts.values()) and len(verdicts) == 5
+    assert len(verdicts) == 5 and all(ok is True for ok in verdicts.values()), verdicts
+    report = (out / "report.md").read_text()
     for name in verdicts:
-        assert f"pass  {name}" in result.output
-        assert f"| {name} | pass |" in (out / "report.md").read_text()
-
-    results["prefix_sharing"]["max_loss_diff"] = 1.0
-    results["adapter_independent_g"] = None
-    (out / "results.json").write_text(json.dumps(results))
-    monkeypatch.setattr(V, "run_validate", lambda cfg, echo: out)
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 1, result.output
-    assert "FAIL  6 prefix sharing" in result.output
-    assert "not run  5 adapter-independent loss: g = 0" in result.output and "pass  1 losses" in result.output
-    report = V.report({**results, "seconds": {"total": 0}})
-    assert "| 6 prefix sharing | **FAIL** |" in report and "| 5 adapter-independent loss: g = 0 | not run |" in report
-    results["prefix_sharing"]["max_loss_diff"] = 0.0
-    (out / "results.json").write_text(json.dumps(results))
-    assert CliRunner().invoke(main, args).exit_code == 0  # "not run" alone is no failure
+        assert f"pass  {name}" in result.output and f"| {name} | pass |" in report
 
 
 # --------------------------------------------------------------------------- the reference engine
