@@ -235,25 +235,30 @@ def test_a_bad_worker_patch_setting_stops_the_worker(monkeypatch):
 
 @pytest.mark.slow
 def test_model_prepare_force_into_a_fresh_cache(tmp_path, model_dir):
-    """`model prepare` into an empty MEZO_VLLM_CACHE converts the packaged GGUF; again, it reuses
-    the folder; with --force it converts again. The result has the shared cache's weights."""
+    """`model prepare` in a MEZO_VLLM_CACHE that holds the model reuses the folder; with --force
+    it converts the packaged GGUF again and replaces the folder whole, with the same weights.
+    (One conversion: the cache starts as a copy of the shared one.)"""
+    import os
+    import shutil
+
     from safetensors.torch import load_file
 
-    env = {**__import__("os").environ, "MEZO_VLLM_CACHE": str(tmp_path / "cache")}
+    cache = tmp_path / "cache"
+    folder = cache / "models" / Path(model_dir).name
+    shutil.copytree(model_dir, folder)
+    (folder / "mine.txt").write_text("not part of a prepared model")
+    env = {**os.environ, "MEZO_VLLM_CACHE": str(cache)}
     cli = [sys.executable, "-c", "from mezo_vllm.cli import main; main()", "model", "prepare"]
 
     def prepare(*flags: str) -> Path:
-        done = subprocess.run([*cli, *flags], env=env, capture_output=True, text=True, timeout=600)
+        done = subprocess.run([*cli, *flags], env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-2000:]
         return Path(done.stdout.strip().splitlines()[-1])
 
-    folder = prepare()
-    assert folder.is_relative_to(tmp_path / "cache")
-    weights = sorted(folder.glob("*.safetensors"))
-    stamp = [p.stat().st_mtime_ns for p in weights]
-    assert prepare() == folder and [p.stat().st_mtime_ns for p in weights] == stamp  # cached
+    assert prepare() == folder and (folder / "mine.txt").exists()  # cached: left as it is
     assert prepare("--force") == folder
-    assert [p.stat().st_mtime_ns for p in sorted(folder.glob("*.safetensors"))] != stamp  # converted again
+    assert not (folder / "mine.txt").exists()  # converted again, the folder replaced whole
+    assert [p for p in (cache / "models").iterdir() if p.is_dir()] == [folder]  # no temporary folder left
     ours = {k: v for p in sorted(folder.glob("*.safetensors")) for k, v in load_file(p).items()}
     shared = {k: v for p in sorted(Path(model_dir).glob("*.safetensors")) for k, v in load_file(p).items()}
     assert ours.keys() == shared.keys() and all(torch.equal(ours[k], shared[k]) for k in ours)
