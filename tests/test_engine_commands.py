@@ -21,7 +21,7 @@ from mezo_vllm import validate as V
 from mezo_vllm.adapter import LoraAdapter, LoraSpec, LowRank, model_linear_shapes
 from mezo_vllm.cli import main
 from mezo_vllm.config import TuneConfig
-from mezo_vllm.data import COMPLETION, Dataset, Split, load_task
+from mezo_vllm.data import COMPLETION, Split, load_file, load_task
 from mezo_vllm.estimator import make_estimator
 from mezo_vllm.evaluation import evaluate
 from mezo_vllm.objective import batch_loss
@@ -77,8 +77,6 @@ def test_eval_prints_the_metric_without_and_with_the_adapter(tmp_path, shared_en
     assert len(shared_engine) == 1 and shared_engine[0].model == model_dir and shared_engine[0].n_variants == 1
     line = next(line for line in result.output.splitlines() if line.startswith(f"{data} nll: "))
     without, with_ = (float(x.split()[0]) for x in line.split(": ")[1].split(", "))
-    from mezo_vllm.data import load_file
-
     dataset = load_file(str(data))
     split = Split.make(dataset, tokenizer, 1024, "truncate")
     base = evaluate(engine_fp32, split, None)["nll"]

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from mezo_vllm.adapter import LoraAdapter, LoraSpec, LowRank, Update, model_linear_shapes, noise
+from mezo_vllm.adapter import LoraAdapter, LoraSpec, LowRank, model_linear_shapes, noise
 from mezo_vllm.config import ConfigError, TuneConfig
 from mezo_vllm.estimator import LOZO, Momentum, ZOSGD, make_estimator
 from mezo_vllm.model import resolve_model
