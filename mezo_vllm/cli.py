@@ -208,13 +208,13 @@ def tasks() -> None:
 def validate(**values: Any) -> None:
     """Check the vLLM engine against transformers + PEFT on your model and data (run it first
     on a new model): losses, g vs autograd, ε sweep, prefix sharing. Writes a markdown report."""
-    from .validate import passed, run_validate
+    from .validate import VERDICT, passed, run_validate
 
     out = run_validate(ValidateConfig(**values), echo=click.echo)
     verdicts = passed(json.loads((out / "results.json").read_text()))
     for name, ok in verdicts.items():
-        click.echo(f"{'pass' if ok else 'FAIL'}  {name}")
-    if not all(verdicts.values()):
+        click.echo(f"{VERDICT[ok]}  {name}")
+    if any(ok is False for ok in verdicts.values()):
         sys.exit(1)
 
 

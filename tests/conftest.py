@@ -8,6 +8,17 @@ from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes
 from mezo_vllm.model import prepare_default_model
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--reverse-order", action="store_true",
+                     help="run the collected tests last to first: no test may depend on another's order "
+                          "(pytest-random-order shuffles; this keeps module fixtures to one setup each)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--reverse-order"):
+        items.reverse()
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> str:
     return str(prepare_default_model())

@@ -41,30 +41,35 @@ def test_zosgd_averages_n_directions_and_decays():
 
 @pytest.mark.parametrize("window", [3, 50])
 def test_momentum_matches_a_tensor_reference(window):
-    """m kept as a tensor: m ← βm + (1−β)ḡz̄; bias-corrected by 1−βᵗ while the window is not
-    full (window 50), and with a full window the EMA of only the last K estimates (window 3)."""
-    beta, lr, steps = 0.8, 0.1, 9
+    """Momentum as one would write it with tensors, sharing no formula with estimator.py: a
+    moving sum S ← βS + (1−β)u − (1−β)βᴷ·u_{t−K} (the estimate leaving the window of K is
+    subtracted, kept in a ring buffer of tensors), divided by the weight it holds, 1 − βⁿ for
+    the n estimates in it (Adam's bias correction while n < K), and decoupled weight decay.
+    Window 50 > steps: the plain bias-corrected EMA; window 3: the truncated one."""
+    beta, lr, wd, steps = 0.8, 0.1, 0.05, 9
     adapter = _adapter()
     theta = {k: v.double() for k, v in adapter.tensors.items()}
-    estimator = Momentum(beta=beta, window=window)
-    history: list[dict[str, torch.Tensor]] = []  # ḡz̄ per step, newest first
+    estimator = Momentum(weight_decay=wd, beta=beta, window=window)
+    moving = {k: torch.zeros_like(v) for k, v in theta.items()}
+    ring: list[dict[str, torch.Tensor]] = []  # u of the steps in the window, oldest first
     for t in range(steps):
         seeds, grads = [100 + 2 * t, 101 + 2 * t], [float(t % 3) - 1.0, 0.5 * t]
         adapter.apply(estimator.update(estimator.directions(t, seeds), grads, lr))
-        history.insert(0, {k: sum(g * _z(s, adapter)[k] for s, g in zip(seeds, grads)) / 2 for k in theta})
-        kept = history[:window]
-        weights = [(1 - beta) * beta ** i for i in range(len(kept))]
+        u = {k: (grads[0] * _z(seeds[0], adapter)[k] + grads[1] * _z(seeds[1], adapter)[k]) / 2 for k in theta}
+        ring.append(u)
+        leaving = ring.pop(0) if len(ring) > window else None
         for k in theta:
-            m = sum(w * h[k] for w, h in zip(weights, kept)) / sum(weights)
-            theta[k] = theta[k] - lr * m
-        if window >= steps:  # the untruncated recursion, bias-corrected
-            ema = {k: torch.zeros_like(v) for k, v in theta.items()}
-            for h in reversed(history):
-                ema = {k: beta * ema[k] + (1 - beta) * h[k] for k in ema}
-            assert all(torch.allclose(ema[k] / (1 - beta ** (t + 1)),
-                                      sum(w * h[k] for w, h in zip(weights, kept)) / sum(weights))
-                       for k in ema)
+            moving[k] = beta * moving[k] + (1 - beta) * u[k]
+            if leaving is not None:
+                moving[k] -= (1 - beta) * beta ** window * leaving[k]
+            held = 1 - beta ** len(ring)
+            theta[k] = theta[k] * (1 - lr * wd) - lr * moving[k] / held
     assert all(torch.allclose(adapter.tensors[k].double(), theta[k], atol=1e-5) for k in theta)
+    # not vacuous: plain ZO-SGD on the same estimates ends elsewhere
+    sgd = _adapter()
+    for t in range(steps):
+        sgd.apply(ZOSGD(weight_decay=wd).update([100 + 2 * t, 101 + 2 * t], [float(t % 3) - 1.0, 0.5 * t], lr))
+    assert max((sgd.tensors[k].double() - theta[k]).abs().max().item() for k in theta) > 1e-2
 
 
 def test_momentum_restored_from_the_trajectory_continues_identically():

@@ -4,6 +4,7 @@ MeZO's F1 objective (−F1 of each ± variant's greedy answers, all variants in 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mezo_vllm.config import ConfigError, TuneConfig
 from mezo_vllm.data import COMPLETION, Dataset, Example, Split
@@ -28,22 +29,36 @@ def _split(engine, answers):
 
 
 def test_generation_f1_and_exact_match_on_a_hand_made_case(engine_fp32, initial_adapter):
+    """Hand-made references, F1 worked out by hand from what this model answers greedily (fp32):
+    "Paris is the capital of France." (EM 1, F1 1), "The sky on a clear day is blue because air
+    scatters blue light the most." against "blue" (1 word of 12 after SQuAD's normalisation:
+    F1 = 2·(1/12)·1/(1/12 + 1) = 2/13), "12" against "eight"/"8" (0)."""
     engine_fp32.load_master(initial_adapter)  # B = 0: the adapter's answers are the base model's
-    contexts = [engine_fp32.tokenizer(q)["input_ids"] for q in QUESTIONS]
-    said = engine_fp32.generate(contexts, MAX_ANSWER_TOKENS, [None])[0]
-    assert all(s.strip() for s in said)
-    # the model's own answer (EM 1), an answer sharing half its words (F1 < 1), a wrong one (0)
-    words = said[1].split()
-    half = " ".join(words[: max(1, len(words) // 2)] + ["zebra"])
-    split = _split(engine_fp32, [[said[0]], [half], ["xylophone quartet"]])
-    expected_f1 = (1.0 + squad_f1(said[1], [half]) + 0.0) / 3
-    assert 0.0 < squad_f1(said[1], [half]) < 1.0
+    split = _split(engine_fp32, [["Paris is the capital of France"], ["blue"], ["eight", "8"]])
     engine_fp32.write_variants([(0, 0.0)])
     for variant in (None, 0):
         metrics = evaluate(engine_fp32, split, variant)
-        assert metrics["f1"] == pytest.approx(expected_f1)
+        assert metrics["f1"] == pytest.approx((1.0 + 2 / 13 + 0.0) / 3)
         assert metrics["em"] == pytest.approx(1 / 3)
         assert metrics["nll"] > 0
+
+
+class CountingEngine:
+    """The engine, with every call into it recorded (name, variants)."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def __getattr__(self, name):
+        value = getattr(self.engine, name)
+        if name not in ("score", "generate", "write_variants", "apply_update"):
+            return value
+
+        def call(*args, **kwargs):
+            self.calls.append((name, list(args[-1]) if name in ("score", "generate") else None))
+            return value(*args, **kwargs)
+
+        return call
 
 
 def test_f1_objective_scores_each_variant_in_one_call(engine_fp32, random_adapter):
@@ -52,7 +67,11 @@ def test_f1_objective_scores_each_variant_in_one_call(engine_fp32, random_adapte
     requests = split.requests
     eps, seed = 0.5, 3  # a large ε, so that the two variants answer differently somewhere
     before = engine_fp32.master()
-    result = mezo_step(engine_fp32, split, requests, [seed], eps, ZOSGD(), lr=0.0, objective_name="f1")
+    counting = CountingEngine(engine_fp32)
+    result = mezo_step(counting, split, requests, [seed], eps, ZOSGD(), lr=0.0, objective_name="f1")
+    # one write of both variants, then one generate call with both, nothing scored
+    assert [name for name, _ in counting.calls] == ["write_variants", "generate", "apply_update"]
+    assert counting.calls[1][1] == [0, 1]
     losses, grads = result.losses, result.grads
     engine_fp32.write_variants([(seed, eps), (seed, -eps)])
     contexts = [r.token_ids[: r.span_start] for r in requests]
@@ -63,6 +82,32 @@ def test_f1_objective_scores_each_variant_in_one_call(engine_fp32, random_adapte
     assert texts[0] != texts[1]
     after = engine_fp32.master()
     assert all((after[k] == v).all() for k, v in before.items())  # lr 0: θ unchanged
+
+
+def test_tune_with_the_f1_objective(engine_fp32, tmp_path):
+    """`tune --objective f1` end to end (3 steps): each step's losses are −F1 of the ± variants'
+    answers, g their difference over 2ε, and the adapter the ZO-SGD replay of the trajectory."""
+    import json
+
+    from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes
+
+    rows = [{"prompt": q, "completion": f" {a}\n"} for q, a in zip(QUESTIONS, ("Paris", "blue", "eight"))]
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TuneConfig(out=str(tmp_path / "run"), data=str(data), objective="f1", steps=3, batch_size=3,
+                     eps=0.5, lr=1e-2, lr_schedule="constant", eval_every=0, save_every=0)
+    tune(cfg, engine=engine_fp32)
+    records = [json.loads(line) for line in (tmp_path / "run/trajectory.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    for r in records:
+        assert -1.0 <= r["loss_plus"] <= 0.0 and -1.0 <= r["loss_minus"] <= 0.0
+        assert r["g"] == pytest.approx((r["loss_plus"] - r["loss_minus"]) / (2 * cfg.eps))
+    assert any(r["g"] != 0.0 for r in records)  # the variants answered differently somewhere
+    replay = LoraAdapter.init(LoraSpec(), model_linear_shapes(engine_fp32.config.model), cfg.seed)
+    for r in records:
+        replay.apply(ZOSGD().update([r["seed"]], [r["g"]], r["lr"]))
+    final = LoraAdapter.load(tmp_path / "run/adapter").tensors
+    assert all(torch.equal(final[k], v) for k, v in replay.tensors.items())
 
 
 def test_f1_objective_refuses_classification_data(tmp_path):

@@ -53,11 +53,18 @@ def shared_prefix_batch(seed: int = 0) -> list[Request]:
     return reqs
 
 
-def test_shared_prefixes_give_the_same_scores(engine_fp32, initial_adapter, monkeypatch):
-    engine_fp32.load_master(initial_adapter)
-    engine_fp32.write_variants([(7, 0.5), (7, -0.5)])  # fresh LoRA names: nothing cached yet
+def test_shared_prefixes_give_the_same_scores(engine_fp32, random_adapter, monkeypatch):
+    """Both variants θ±εz in one call, sharing prefixes: each variant's scores are the ones it
+    gets alone, without sharing, and each variant computed the 512-token prefix once. The case
+    has teeth: the ± variants' KV of the prefix differ, so a variant that read the other's
+    (what sharing across variants would do) scores differently, as a deliberately wrong block
+    hash (LoRA left out of it) shows."""
+    from vllm.v1.core import kv_cache_utils
+
+    engine_fp32.load_master(random_adapter)
+    engine_fp32.write_variants([(7, 0.05), (7, -0.05)])  # fresh LoRA names: nothing cached yet
     reqs = shared_prefix_batch()
-    loras = engine_fp32._variant_loras([None, 0])
+    loras = engine_fp32._variant_loras([0, 1])
     computed: list[int] = []  # tokens each request computed in each step
     original = span_logprobs.chunk_span_rows
 
@@ -74,11 +81,20 @@ def test_shared_prefixes_give_the_same_scores(engine_fp32, initial_adapter, monk
     # Scores do not depend on the batch: compare with a few examples scored without sharing,
     # one variant per call (so that no prompt is split across steps).
     some = [i for i, r in enumerate(reqs) if r.example in (0, 7, 15)]
-    for row, lora in enumerate(loras):
-        alone = engine_fp32._score_spans([reqs[i] for i in some], [lora], share_prefix=False)[0]
-        # the same up to fp32 rounding (GEMM blocking follows the batch; sums are ~-40)
-        np.testing.assert_allclose(shared[row, some], alone, rtol=5e-6, atol=1e-5)
-    assert np.abs(shared[0] - shared[1]).max() > 1e-2  # the variants did not share KV
+    alone = np.stack([engine_fp32._score_spans([reqs[i] for i in some], [lora], share_prefix=False)[0]
+                      for lora in loras])
+    # the same up to fp32 rounding (GEMM blocking follows the batch; sums are ~-40)
+    np.testing.assert_allclose(shared[:, some], alone, rtol=5e-6, atol=1e-5)
+
+    engine_fp32.write_variants([(7, 0.05), (7, -0.05)])  # fresh names again
+    monkeypatch.setattr(kv_cache_utils, "_gen_lora_extra_hash_keys", lambda request: [])
+    try:
+        wrong = engine_fp32._score_spans(reqs, engine_fp32._variant_loras([0, 1]), share_prefix=True)
+    finally:
+        monkeypatch.undo()
+        engine_fp32.llm.reset_prefix_cache()  # blocks hashed without their LoRA must not stay
+    np.testing.assert_allclose(wrong[0], shared[0], rtol=5e-6, atol=1e-5)  # the first one computes
+    assert np.abs(wrong[1, some] - alone[1]).max() > 100 * 1e-5  # θ−εz read θ+εz's prefix KV
 
 
 def test_cached_prefix_never_covers_the_span(engine_fp32, monkeypatch):

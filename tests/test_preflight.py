@@ -115,6 +115,9 @@ def test_a_good_config_gets_to_the_engine(tmp_path, model, data, engines):
     (["--targets", "q_proj,gate_proj"], ["target modules ['gate_proj'] not in the model", "q_proj, v_proj"]),
     (["--targets", " , "], ["--targets is empty"]),
     (["--task", "sst2"], ["exactly one of --task NAME or --data FILE"]),
+    (["--objective", "f1", "--engine", "reference"],
+     ["--objective f1 generates with one vLLM engine: not with --engine reference or --replicas"]),
+    (["--stock-vllm", "--engine", "reference"], ["--stock-vllm goes with --engine vllm"]),
 ])
 def test_bad_settings(tmp_path, model, data, engines, args, fragments):
     result = _tune("--out", tmp_path / "run", "--data", data, "--model", model, *args)
@@ -148,10 +151,39 @@ def test_lora_ranks_are_vllms():
     (["--data", "{data}", "--task", "sst2"], ["exactly one of --task NAME or --data FILE"]),
     (["--task", "sst2", "--eval-data", "{data}"], ["--eval-data and --eval-split go with --data"]),
     (["--data", "{data}", "--eval-data", "{tmp}/dev.jsonl"], ["dev.jsonl: file: cannot read"]),
+    (["--data", "{data}", "--eval-data", "{tmp}/completion.jsonl"],
+     ["{tmp}/completion.jsonl is completion data but {data} is classification"]),
 ])
 def test_bad_data_or_task(tmp_path, model, data, engines, args, fragments):
+    (tmp_path / "completion.jsonl").write_text('{"prompt": "a", "completion": " b"}\n')
     args = [a.format(tmp=tmp_path, data=data) for a in args]
+    fragments = [f.format(tmp=tmp_path, data=data) for f in fragments]
     _refused(_tune("--out", tmp_path / "run", "--model", model, *args), *fragments, started=engines)
+
+
+def test_replicas_without_ray_are_refused(tmp_path, model, data, engines, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    for flags in (["--replicas", "2"], ["--ray-address", "host:6379"]):
+        _refused(_tune("--out", tmp_path / "run", "--data", data, "--model", model, *flags),
+                 "--replicas/--ray-address need Ray: pip install 'mezo-vllm[ray]'", started=engines)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--task", "sst2", "--seeds", "0"], ["--seeds must be ≥ 1, got 0"]),
+    (["--task", "sst2", "--batch-size", "0"], ["--batch-size must be ≥ 1, got 0"]),
+    (["--task", "sst2", "--vllm-directions", "501"], ["--vllm-directions must be in 0..500, got 501"]),
+    (["--task", "sst2", "--rank", "4"], ["--rank must be one of"]),
+    ([], ["give exactly one of --task NAME or --data FILE"]),
+    (["--task", "sst2", "--data", "{data}"], ["give exactly one of --task NAME or --data FILE"]),
+])
+def test_validate_refuses_its_own_bad_settings(tmp_path, data, engines, args, fragments):
+    """`validate` checks its settings before any engine starts, one line, exit code 2."""
+    args = [a.format(data=data) for a in args]
+    result = CliRunner().invoke(main, ["validate", "--out", str(tmp_path / "v"), *args])
+    _refused(result, *fragments, started=engines)
+    assert not (tmp_path / "v").exists()
 
 
 # --------------------------------------------------------------------------- model

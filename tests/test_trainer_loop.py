@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import mezo_vllm.trainer
 from mezo_vllm.adapter import LoraAdapter, LoraSpec, Update, model_linear_shapes
 from mezo_vllm.config import TuneConfig
 from mezo_vllm.model import resolve_model
@@ -87,6 +88,50 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(tmp_path, tokenizer):
     with pytest.raises(TrainingStopped, match="5 steps in a row had a non-finite loss"):
         tune(_cfg(tmp_path, "many"), engine=engine)
     assert json.loads((tmp_path / "many/checkpoint/state.json").read_text())["step"] == 7  # steps 2-6
+
+
+class RecordingEngine(StandInEngine):
+    """θ recorded each time variants are written: at the start of every step (and evaluation)."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.thetas = []
+
+    def write_variants(self, writes):
+        self.thetas.append({k: v.clone() for k, v in self.adapter.tensors.items()})
+        super().write_variants(writes)
+
+
+@pytest.mark.parametrize("poison", [
+    (math.nan, math.nan),   # g = NaN
+    (math.inf, math.inf),   # g = Inf − Inf = NaN
+    (math.inf, None),       # L(θ+εz) = +Inf only: g = +Inf
+    (None, math.inf),       # L(θ−εz) = +Inf only: g = −Inf
+    (None, -math.inf),      # g = +Inf
+])
+def test_a_non_finite_loss_leaves_theta_bitwise_unchanged(tmp_path, tokenizer, monkeypatch, poison):
+    """README: a NaN/Inf loss skips the step, θ unchanged. Step 2's losses are replaced; θ is
+    read where each step starts."""
+    real, calls = mezo_vllm.trainer.batch_loss, []
+
+    def batch_loss(split, requests, sums):
+        losses = real(split, requests, sums)
+        calls.append(len(calls))
+        if len(calls) == 3:  # the third training step: step 2
+            losses = np.array([v if p is None else p for v, p in zip(losses, poison)])
+        return losses
+
+    monkeypatch.setattr(mezo_vllm.trainer, "batch_loss", batch_loss)
+    engine = RecordingEngine(tokenizer)
+    tune(_cfg(tmp_path, "run", steps=5), engine=engine)
+    records = [json.loads(line) for line in (tmp_path / "run/trajectory.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in records] == [False, False, True, False, False]
+    assert not math.isfinite(records[2]["g"])
+    before_step = engine.thetas[1:6]  # thetas[0]: the dev evaluation before step 0
+    same = [all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(before_step, before_step[1:])]
+    assert same == [False, False, True, False]  # only the skipped step left θ as it was
+    metrics = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["skipped_steps"] == 1
 
 
 def test_interrupt_saves_a_checkpoint_and_stops(tmp_path, tokenizer):
