@@ -153,8 +153,6 @@ class TuneConfig(ModelSettings):
     def validate(self) -> None:
         """Each setting's own checks, then the ones between settings."""
         check_settings(self)
-        if self.objective == "f1" and (self.engine != "vllm" or self.replicas > 1):
-            raise ConfigError("--objective f1 generates with one vLLM engine: not with --engine reference or --replicas")
         if self.engine == "reference" and not self.fast:
             raise ConfigError("--stock-vllm goes with --engine vllm")
         if self.engine == "reference" and (self.replicas > 1 or self.ray_address is not None

@@ -43,6 +43,24 @@ def test_generation_f1_and_exact_match_on_a_hand_made_case(engine_fp32, initial_
         assert metrics["nll"] > 0
 
 
+def test_reference_engine_answers_as_vllm(engine_fp32, model_dir, initial_adapter):
+    """`--objective f1 --engine reference` (and --replicas, tests/test_replicas.py) generate too:
+    the reference's greedy answers, for the base model and for a ±εz variant, are vLLM's."""
+    from mezo_vllm.reference import ReferenceEngine
+
+    reference = ReferenceEngine(model_dir, initial_adapter)
+    split = _split(engine_fp32, [["Paris"], ["blue"], ["eight"]])
+    contexts = [r.token_ids[: r.span_start] for r in split.requests]
+    writes = [(11, 0.5), (11, -0.5)]
+    answers = []
+    for engine in (engine_fp32, reference):
+        engine.load_master(initial_adapter)
+        engine.write_variants(writes)
+        answers.append(engine.generate(contexts, MAX_ANSWER_TOKENS, [None, 0, 1]))
+    assert answers[0] == answers[1]
+    assert answers[0][1] != answers[0][2]  # not vacuous: the variants answer differently
+
+
 class CountingEngine:
     """The engine, with every call into it recorded (name, variants)."""
 

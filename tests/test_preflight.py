@@ -115,8 +115,6 @@ def test_a_good_config_gets_to_the_engine(tmp_path, model, data, engines):
     (["--targets", "q_proj,gate_proj"], ["target modules ['gate_proj'] not in the model", "q_proj, v_proj"]),
     (["--targets", " , "], ["--targets is empty"]),
     (["--task", "sst2"], ["exactly one of --task NAME or --data FILE"]),
-    (["--objective", "f1", "--engine", "reference"],
-     ["--objective f1 generates with one vLLM engine: not with --engine reference or --replicas"]),
     (["--stock-vllm", "--engine", "reference"], ["--stock-vllm goes with --engine vllm"]),
 ])
 def test_bad_settings(tmp_path, model, data, engines, args, fragments):
