@@ -328,7 +328,8 @@ def run(patterns: Sequence[str], seeds: str, minutes: float, steps: int | None, 
 def sitting(names: Sequence[str], root: Path, minutes: float, steps: int | None) -> None:
     """One sitting of runs that share an engine shape, on one engine started as `tune` starts it."""
     from mezo_vllm.adapter import LoraAdapter
-    from mezo_vllm.trainer import prepare, start_engine
+    from mezo_vllm.preflight import prepare
+    from mezo_vllm.trainer import start_engine
 
     configs = []
     for name in names:

@@ -41,7 +41,7 @@ BF16_ATOL = 0.2
 BF16_RTOL = 0.05
 BF16_MEAN = 0.1  # mean |Δ| over all target tokens
 # The smoke adapter moves the scores by 0.70 nats per token on average (fp32, SST-2; 0.20 with
-# validate.random_adapter's B alone, hence B × 4): a slot holding the wrong weights, or none, is
+# checks.random_adapter's B alone, hence B × 4): a slot holding the wrong weights, or none, is
 # off by several times BF16_MEAN, which `adapter effect` checks.
 B_SCALE = 4.0
 MIN_EFFECT = 5 * BF16_MEAN
@@ -164,7 +164,7 @@ def engine_stage(out: Path, echo: Callable[[str], None] = print, dtype: str = "b
     from .model import prepare_default_model
     from .platform_policy import expected_runner, runner_is_v2
     from .reference import ReferenceEngine
-    from .validate import DEMOS, few_shot, random_adapter
+    from .checks import DEMOS, few_shot, random_adapter
 
     model_dir = str(prepare_default_model())
     shapes = model_linear_shapes(model_dir)

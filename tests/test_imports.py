@@ -91,3 +91,16 @@ def test_no_import_cycle_in_the_package():
 def test_the_cycle_finder_finds_cycles():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+MAX_MODULE_LINES = 450  # issue 13: a module that outgrows this holds more than one idea
+
+
+def test_no_module_of_the_package_is_over_450_lines():
+    import mezo_vllm
+
+    root = Path(mezo_vllm.__file__).parent
+    files = {str(path.relative_to(root)): path for path in root.rglob("*.py")}
+    assert "trainer.py" in files and "patches/span_logprobs.py" in files
+    long = {name: n for name, path in files.items() if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, long

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from mezo_vllm import validate as V
+from mezo_vllm import checks as V
 from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes
 from mezo_vllm.config import TuneConfig
 from mezo_vllm.data import CLASSIFICATION, COMPLETION, Dataset, Example, Split, load_task, tokenize

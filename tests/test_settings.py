@@ -35,7 +35,7 @@ TUNE = {
     "--directions": (1, "integer"), "--estimator": ("zo-sgd", ("zo-sgd", "momentum", "lozo", "fzoo")),
     "--momentum": (0.9, "float"), "--momentum-window": (16, "integer"), "--lozo-rank": (2, "integer"),
     "--lozo-period": (50, "integer"), "--objective": ("loss", ("loss", "f1")), "--seed": (0, "integer"),
-    "--weight-decay": (0.0, "float"), "--dtype": ("float32", ("float32", "bfloat16")),
+    "--weight-decay": (0.0, "float"), "--dtype": ("auto", ("float32", "bfloat16", "float16", "auto")),
     "--eval-every": (100, "integer"), "--eval-examples": (0, "integer"), "--save-every": (100, "integer"),
     "--max-length": (1024, "integer"), "--overflow": ("truncate", ("truncate", "reject")),
     "--stock-vllm": (False, "boolean"), "--engine": ("vllm", ("vllm", "reference")),
@@ -56,7 +56,7 @@ VALIDATE = {
 }
 EVAL = {
     "--adapter": (None, "path"), "--task": (None, "text"), "--split": ("test", ("dev", "test")),
-    "--data": (None, "path"), "--model": (None, "text"), "--dtype": ("float32", ("float32", "bfloat16")),
+    "--data": (None, "path"), "--model": (None, "text"), "--dtype": ("auto", ("float32", "bfloat16", "float16", "auto")),
     "--max-length": (1024, "integer"), "--trust-remote-code": (False, "boolean"),
 }
 ALIASES = {
@@ -101,10 +101,10 @@ def test_every_option_has_help_and_shows_its_default(command):
 
 def test_choices_come_from_one_place():
     tune = _options("tune")
-    assert tuple(tune["--dtype"].type.choices) == DTYPES
+    assert tuple(tune["--dtype"].type.choices) == (*DTYPES, "auto")
     assert tuple(tune["--lr-schedule"].type.choices) == SCHEDULES
     assert tuple(tune["--estimator"].type.choices) == ESTIMATORS
-    assert tuple(_options("eval")["--dtype"].type.choices) == DTYPES
+    assert tuple(_options("eval")["--dtype"].type.choices) == (*DTYPES, "auto")
     assert bench.DTYPES is DTYPES
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mezo_vllm import rundir
-from mezo_vllm.adapter import LoraAdapter, LoraSpec, init_from, model_linear_shapes
+from mezo_vllm.adapter import LoraSpec, init_from, model_linear_shapes
 from mezo_vllm.data import Request
 
 TEXTS = ["a gorgeous, witty, seductive movie. It was great", "The weather today is cold and wet"]
