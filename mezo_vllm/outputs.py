@@ -24,10 +24,9 @@ import numpy as np
 
 from . import rundir
 from .adapter import LoraAdapter, LoraSpec
-from .config import TuneConfig, vllm_lora_rank
+from .config import TuneConfig
 
 EMA_BETA = 0.9  # the moving average of the train loss shown by the progress bar
-VLLM_DEFAULT_MAX_LORA_RANK = 16  # `vllm serve` needs --max-lora-rank above it
 _NOT_METRICS = ("step", "skipped_steps", "wall_s")
 
 
@@ -68,12 +67,11 @@ class LossAverage:
         return self.raw / (1 - EMA_BETA ** self.count) if self.count else None
 
 
-def serve_command(model_dir: str, adapter_dir: Path, rank: int) -> str:
-    """The `vllm serve` line for an adapter (README, "Serve a trained adapter")."""
-    args = ["vllm", "serve", model_dir, "--enable-lora", "--lora-modules", f"mezo={adapter_dir.absolute()}"]
-    if rank > VLLM_DEFAULT_MAX_LORA_RANK:
-        args += ["--max-lora-rank", str(vllm_lora_rank(rank))]
-    return shlex.join(args)
+def serve_command(adapter_dir: Path) -> str:
+    """The line that serves an adapter (README, "Serving"): `mezo-vllm serve`, not `vllm serve`,
+    whose CLI dies in the CPU environment and which needs the base model, rank and patches spelt
+    out; `mezo-vllm serve` reads them from the adapter."""
+    return shlex.join(["mezo-vllm", "serve", str(adapter_dir.absolute())])
 
 
 def _duration(seconds: float) -> str:
@@ -178,7 +176,7 @@ class RunOutputs:
             "adapter": str((self.run / "adapter").absolute()),
             "best_adapter": str((self.run / "best").absolute()) if best else None,
             "checkpoints": [str(p.absolute()) for p in rundir.numbered_checkpoints(self.run).values()],
-            "serve": serve_command(self.model_dir, served, self.spec.r),
+            "serve": serve_command(served),
         }
         rundir.write_file(self.run / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from test_trainer_loop import StandInEngine
 
 import mezo_vllm.trainer
 from mezo_vllm.adapter import LoraAdapter, LoraSpec
@@ -21,8 +22,8 @@ from mezo_vllm.cli import main
 from mezo_vllm.config import TuneConfig
 from mezo_vllm.data import builtin_tasks
 from mezo_vllm.engine import EngineConfig, VllmEngine
+from mezo_vllm.outputs import dev_lines
 from mezo_vllm.patches import plugin
-from test_trainer_loop import StandInEngine
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -190,7 +191,7 @@ def test_eval_data_is_the_dev_split(tmp_path, stand_in):
               "--save-every", "0"]
     result = CliRunner().invoke(main, [*common, "--eval-data", str(dev), "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
-    metrics = _lines(tmp_path / "run" / "metrics.jsonl")
+    metrics = dev_lines(_lines(tmp_path / "run" / "metrics.jsonl"))
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert all(m["accuracy"] == 0.75 for m in metrics), metrics
     assert "dev accuracy: 0.7500 before, 0.7500 after" in result.output

@@ -17,7 +17,6 @@ import pytest
 
 import mezo_vllm.trainer
 from mezo_vllm import rundir
-from mezo_vllm.model import resolve_model
 from mezo_vllm.trainer import DiskFull, EngineFailed, tune
 from test_trainer_loop import StandInEngine, _cfg
 
@@ -73,7 +72,7 @@ def test_best_final_and_numbered_adapters_and_the_summary(tmp_path, tokenizer, s
         "best_step": 15, "best_metric": value[15],
         "adapter": str(run.absolute() / "adapter"), "best_adapter": str(run.absolute() / "best"),
         "checkpoints": [str(p.absolute()) for p in numbered.values()],
-        "serve": f"vllm serve {resolve_model(None).resolve()} --enable-lora --lora-modules mezo={run.absolute() / 'best'}"}
+        "serve": f"mezo-vllm serve {run.absolute() / 'best'}"}
     printed = capsys.readouterr().err
     assert f"best adapter: {run.absolute() / 'best'} (step 15)\n" in printed
     assert f"; dev {metric} {value[0]:.4f} → {value[20]:.4f}, best {value[15]:.4f} at step 15\n" in printed
