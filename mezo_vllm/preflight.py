@@ -33,7 +33,7 @@ from .data import (
 )
 from .data.types import warn
 from .model import ModelError, resolve_model
-from .platform_policy import engine_dtype
+from .platform_policy import check_pipeline_parallel, engine_dtype, installed_platform
 from .recipe import read_saved_config
 
 
@@ -157,6 +157,7 @@ def prepare(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
                   "float32" if cfg.dtype == "auto" else cfg.dtype)
     if cfg.engine == "vllm":
         patches.check_installed(cfg.fast)
+        check_pipeline_parallel(cfg.pipeline_parallel_size, installed_platform())
     run = Path(cfg.out)
     _check_out(run, resume, overwrite)
     # the model first: chat data is rendered with its chat template

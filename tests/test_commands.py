@@ -29,10 +29,12 @@ README = Path(__file__).parent.parent / "README.md"
 
 
 def _one_line(result, code: int, *fragments: str) -> None:
-    """The error is one line on stderr (a notice on stdout may come before it)."""
+    """The error is one line, the last on stderr (notices and warnings may come before it)."""
     assert result.exit_code == code, result.output
-    message = result.stderr.strip()
-    assert len(message.splitlines()) == 1 and "Traceback" not in message, message
+    lines = result.stderr.strip().splitlines()
+    message = lines[-1]
+    assert message.startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert [line for line in lines if line.startswith("error")] == [message], result.stderr
     for fragment in fragments:
         assert fragment in message, message
 
@@ -226,7 +228,7 @@ def test_a_bad_worker_patch_setting_stops_the_worker(monkeypatch):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == \
-        "ValueError: MEZO_VLLM_WORKER_PATCHES='fast': expected one of required, all"
+        "ValueError: MEZO_VLLM_WORKER_PATCHES='fast': expected one of required, all, serve"
     monkeypatch.setenv(plugin.ENV, "")
     plugin.load()  # unset or empty: a stock vLLM, nothing applied
 

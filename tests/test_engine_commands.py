@@ -25,6 +25,7 @@ from mezo_vllm.data import COMPLETION, Split, load_file, load_task
 from mezo_vllm.estimator import make_estimator
 from mezo_vllm.evaluation import evaluate
 from mezo_vllm.objective import batch_loss
+from mezo_vllm.outputs import dev_lines
 from mezo_vllm.trainer import tune
 
 CLI = [sys.executable, "-c", "from mezo_vllm.cli import main; main()"]
@@ -118,7 +119,7 @@ def test_the_reference_engine_reports_f1_on_a_generation_task(tmp_path, engine_f
     cfg = TuneConfig(out=str(tmp_path / "run"), task="squad", engine="reference", steps=2, batch_size=2,
                      eval_every=0, save_every=0, eval_examples=3)
     tune(cfg)
-    metrics = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    metrics = dev_lines([json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()])
     assert [m["step"] for m in metrics] == [0, 2]
     assert all({"nll", "f1", "em"} <= set(m) for m in metrics), metrics
     dev = Split.make(load_task("squad").dev, tokenizer, cfg.max_length, cfg.overflow).first(3)

@@ -172,7 +172,7 @@ def test_replicas_without_ray_are_refused(tmp_path, model, data, engines, monkey
     (["--task", "sst2", "--seeds", "0"], ["--seeds must be ≥ 1, got 0"]),
     (["--task", "sst2", "--batch-size", "0"], ["--batch-size must be ≥ 1, got 0"]),
     (["--task", "sst2", "--vllm-directions", "501"], ["--vllm-directions must be in 0..500, got 501"]),
-    (["--task", "sst2", "--rank", "4"], ["--rank must be one of"]),
+    (["--task", "sst2", "--rank", "513"], ["--rank must be ≤ 512 (the largest LoRA rank vLLM supports), got 513"]),
     ([], ["give exactly one of --task NAME or --data FILE"]),
     (["--task", "sst2", "--data", "{data}"], ["give exactly one of --task NAME or --data FILE"]),
 ])

@@ -17,6 +17,7 @@ from mezo_vllm.cli import main
 from mezo_vllm.config import ConfigError, TuneConfig
 from mezo_vllm.data import DataError
 from mezo_vllm.recipe import read_saved_config
+from mezo_vllm.outputs import dev_lines
 from mezo_vllm.trainer import tune
 from test_trainer_loop import StandInEngine
 
@@ -68,7 +69,7 @@ def test_eval_split_evaluates_held_out_records_and_no_dev_data_is_warned(tmp_pat
     cfg = TuneConfig(out=str(tmp_path / "split"), steps=2, eval_every=0, eval_split=0.25)
     tune(cfg, engine=engine, data=RECORDS)
     assert "warning" not in capsys.readouterr().err
-    metrics = [json.loads(line) for line in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    metrics = dev_lines([json.loads(line) for line in (tmp_path / "split/metrics.jsonl").read_text().splitlines()])
     assert [m["step"] for m in metrics] == [0, 2] and all("accuracy" in m for m in metrics)
     tune(TuneConfig(out=str(tmp_path / "none"), steps=2), engine=StandInEngine(tokenizer), data=RECORDS)
     (line,) = [w for w in capsys.readouterr().err.splitlines() if w.startswith("warning")]
@@ -86,7 +87,7 @@ def test_no_dev_data_is_warned_on_the_command_line_once_checks_pass(tmp_path, mo
     monkeypatch.setattr(mezo_vllm.trainer, "start_engine", no_engine)
     result = CliRunner().invoke(main, ["tune", "--data", str(data), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
-    assert result.output.splitlines() == [
+    assert [line for line in result.output.splitlines() if not line.startswith("starting the engine")] == [
         f"warning: {data}: dev data: none, so nothing is evaluated before, during or after training: "
         "give --eval-data FILE, or --eval-split 0.1 to hold out a tenth of the training data",
         "error: stop here"]

@@ -181,7 +181,7 @@ def test_resuming_a_finished_run_logs_nothing_twice(tmp_path, tokenizer):
 def test_a_resumed_run_with_other_steps_says_its_schedule_changed(tmp_path, tokenizer, capsys):
     tune(_cfg(tmp_path, "longer", steps=4, save_every=2), engine=StandInEngine(tokenizer))
     tune(_cfg(tmp_path, "longer", steps=6, save_every=2), resume=True, engine=StandInEngine(tokenizer))
-    assert "the linear schedule now decays to 0 at step 6" in capsys.readouterr().out
+    assert "the linear schedule now decays to 0 at step 6" in capsys.readouterr().err
     tune(_cfg(tmp_path, "longer", steps=8, save_every=2, lr_schedule="constant"), resume=True,
          engine=StandInEngine(tokenizer))
     assert "schedule" not in capsys.readouterr().out
