@@ -196,7 +196,7 @@ def test_eval_data_is_the_dev_split(tmp_path, stand_in):
     metrics = dev_lines(_lines(tmp_path / "run" / "metrics.jsonl"))
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert all(m["accuracy"] == 0.75 for m in metrics), metrics
-    assert "dev accuracy: 0.7500 before, 0.7500 after" in result.output
+    assert "dev accuracy 0.7500 → 0.7500" in result.output
     without = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "without")])
     assert without.exit_code == 0 and "dev accuracy" not in without.output  # no dev split, no metrics
 

@@ -169,5 +169,5 @@ def test_a_run_without_dev_data_has_no_best(tmp_path, tokenizer):
     summary = tune(cfg, engine=StandInEngine(tokenizer))
     assert not (tmp_path / "run/best").exists()
     assert (summary["best_step"], summary["best_adapter"], summary["metric"]) == (None, None, None)
-    assert summary["serve"].endswith(f"mezo={(tmp_path / 'run/adapter').absolute()}")
+    assert summary["serve"] == f"mezo-vllm serve {(tmp_path / 'run/adapter').absolute()}"
     assert math.isfinite(summary["wall_s"])

@@ -12,7 +12,7 @@ from mezo_vllm.trainer import tune
 
 pytestmark = pytest.mark.slow
 
-STEPS = 30
+STEPS = 20
 
 
 def _run(tmp_path, name, engine, steps=STEPS, **overrides):
