@@ -58,7 +58,8 @@ def both(engine_fp32, reference, random_adapter_module):
 @pytest.mark.parametrize("task", builtin_tasks())
 def test_each_task_kind_keeps_its_losses(both, tokenizer, task):
     engine, reference = both
-    dataset = Dataset(task, load_task(task).train.kind, load_task(task).train.examples[:4])
+    n = 2 if task in ("drop", "squad", "boolq") else 4  # passages of hundreds of tokens: 2 do
+    dataset = Dataset(task, load_task(task).train.kind, load_task(task).train.examples[:n])
     merged, _ = tokenize(dataset.examples, tokenizer, 1024)
     separate, _ = tokenize(dataset.examples, tokenizer, 1024, merge_options=False)
     if task in ("sst2", "rte", "cb", "boolq"):  # single-token verbalizers: one request per example

@@ -55,7 +55,7 @@ while True:
     print(step, flush=True)
 """
 
-KILLS = 32
+KILLS = 12
 
 
 def _assert_whole(run: Path, step: int, spec: LoraSpec) -> None:
