@@ -7,23 +7,22 @@ import json
 from pathlib import Path
 
 import pytest
+from test_data import CharTokenizer
 
 from mezo_vllm.config import ConfigError, TuneConfig
-from mezo_vllm.data import (COMPLETION, DataError, Dataset, Example, Request, hold_out, load_file, load_records,
-                            save_records, tokenize)
+from mezo_vllm.data import (
+    COMPLETION,
+    DataError,
+    Dataset,
+    Example,
+    Request,
+    hold_out,
+    load_file,
+    load_records,
+    save_records,
+    tokenize,
+)
 from mezo_vllm.data.types import held_warnings, warn
-
-
-class CharTokenizer:
-    """One token per character (its code point), so lengths are countable."""
-
-    def __init__(self, bos: int | None = None) -> None:
-        self.bos_token_id = bos
-        self.add_bos_token = bos is not None
-
-    def __call__(self, texts, add_special_tokens=True):
-        assert add_special_tokens is False
-        return {"input_ids": [[ord(c) for c in text] for text in texts]}
 
 
 def _write(tmp_path: Path, name: str, *records: object) -> Path:
@@ -309,10 +308,10 @@ def test_chat_data_through_the_command_line(tmp_path, monkeypatch):
     """Chat data passes every check with the default model (it has a chat template) and is refused
     in one line with a model whose tokenizer cannot be loaded; no engine starts either way."""
     from click.testing import CliRunner
+    from test_preflight import _fake_model
 
     import mezo_vllm.engine
     from mezo_vllm.cli import main
-    from test_preflight import _fake_model
 
     class Started(Exception):
         pass

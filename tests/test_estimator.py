@@ -9,13 +9,28 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_trainer_loop import StandInEngine
 
-from mezo_vllm.adapter import LoraAdapter, LoraSpec, LowRank, Masked, Update, model_linear_shapes, noise
+from mezo_vllm.adapter import (
+    LoraAdapter,
+    LoraSpec,
+    LowRank,
+    Masked,
+    Update,
+    model_linear_shapes,
+    noise,
+)
 from mezo_vllm.config import ConfigError, TuneConfig
-from mezo_vllm.estimator import FZOO, LOZO, Momentum, ZOSGD, learning_rate, make_estimator
+from mezo_vllm.estimator import (
+    FZOO,
+    LOZO,
+    ZOSGD,
+    Momentum,
+    learning_rate,
+    make_estimator,
+)
 from mezo_vllm.model import resolve_model
 from mezo_vllm.trainer import tune
-from test_trainer_loop import StandInEngine
 
 SHAPES = {"layers.0.q_proj": (6, 5), "layers.0.v_proj": (4, 5)}
 
@@ -126,11 +141,9 @@ def _cfg(tmp_path, name, **overrides):
     return TuneConfig(**values)
 
 
-@pytest.mark.parametrize("options", [dict(estimator="momentum", momentum=0.8, momentum_window=5, directions=2),
-                                     dict(estimator="lozo", lozo_rank=2, lozo_period=4)])
-def test_stateful_estimators_resume_exactly_and_replay(tmp_path, tokenizer, options):
-    """A crash at step 9 (checkpoint at 8) and a resume give the adapter of an uninterrupted run,
-    which a plain-tensor replay of the trajectory reproduces."""
+def _crash_and_resume_equal_the_whole_run(tmp_path, tokenizer, options) -> dict:
+    """A run that crashes at step 9 (checkpoint at 8) and is resumed ends bitwise where an
+    uninterrupted one does, with the same trajectory file; returns the uninterrupted adapter."""
     tune(_cfg(tmp_path, "whole", **options), engine=StandInEngine(tokenizer))
     with pytest.raises(Exception, match="engine died"):  # the loop may wrap the engine's error
         tune(_cfg(tmp_path, "crashed", **options), engine=StandInEngine(tokenizer, fail_at_call=11))
@@ -139,6 +152,15 @@ def test_stateful_estimators_resume_exactly_and_replay(tmp_path, tokenizer, opti
     resumed = LoraAdapter.load(tmp_path / "crashed/adapter").tensors
     assert all(torch.equal(resumed[k], v) for k, v in whole.items())
     assert (tmp_path / "crashed/trajectory.jsonl").read_text() == (tmp_path / "whole/trajectory.jsonl").read_text()
+    return whole
+
+
+@pytest.mark.parametrize("options", [dict(estimator="momentum", momentum=0.8, momentum_window=5, directions=2),
+                                     dict(estimator="lozo", lozo_rank=2, lozo_period=4)])
+def test_stateful_estimators_resume_exactly_and_replay(tmp_path, tokenizer, options):
+    """A crash at step 9 (checkpoint at 8) and a resume give the adapter of an uninterrupted run,
+    which a plain-tensor replay of the trajectory reproduces."""
+    whole = _crash_and_resume_equal_the_whole_run(tmp_path, tokenizer, options)
 
     records = [json.loads(line) for line in (tmp_path / "whole/trajectory.jsonl").read_text().splitlines()]
     replay = LoraAdapter.init(LoraSpec(), model_linear_shapes(resolve_model(None)), seed=0)
@@ -285,14 +307,7 @@ def test_new_rules_resume_exactly_and_replay(tmp_path, tokenizer, options):
     """As for the stateful rules: crash at step 9 (checkpoint at 8), resume, bitwise the
     uninterrupted run; a float64 replay of the trajectory gives the same θ; with --train-only B
     every A is bitwise its initialisation."""
-    tune(_cfg(tmp_path, "whole", **options), engine=StandInEngine(tokenizer))
-    with pytest.raises(Exception, match="engine died"):
-        tune(_cfg(tmp_path, "crashed", **options), engine=StandInEngine(tokenizer, fail_at_call=11))
-    tune(_cfg(tmp_path, "crashed", **options), resume=True, engine=StandInEngine(tokenizer))
-    whole = LoraAdapter.load(tmp_path / "whole/adapter").tensors
-    resumed = LoraAdapter.load(tmp_path / "crashed/adapter").tensors
-    assert all(torch.equal(resumed[k], v) for k, v in whole.items())
-    assert (tmp_path / "crashed/trajectory.jsonl").read_text() == (tmp_path / "whole/trajectory.jsonl").read_text()
+    whole = _crash_and_resume_equal_the_whole_run(tmp_path, tokenizer, options)
 
     records = [json.loads(line) for line in (tmp_path / "whole/trajectory.jsonl").read_text().splitlines()]
     assert len(records) == 12 and not any(r.get("skipped") for r in records)
