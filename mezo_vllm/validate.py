@@ -56,6 +56,7 @@ class ValidateConfig(ModelSettings):
     task: str | None = setting(None, "built-in task (see `mezo-vllm tasks`)")
     data: str | None = setting(None, "JSONL or CSV data instead of --task", path=True)
     adapter: str | None = setting(None, "PEFT adapter to validate at (default: a seeded random one)", path=True)
+    loss_examples: int = setting(32, "examples in the log-prob and loss check (check 1)", checks=(at_least(1),))
     batch_size: int = setting(16, "examples in the checked batch", checks=(at_least(1),))
     seeds: int = setting(5, "directions z checked", checks=(at_least(1),))
     vllm_directions: int = setting(100, "cosine vs n: real vLLM g's up to this n, the exact ∇L·z beyond",
@@ -111,9 +112,10 @@ def run_validate(cfg: ValidateConfig, echo: Callable[[str], None] = print) -> Pa
 
     done = timed("1 losses")
     echo("check 1: per-token log-probs and losses ...")
-    first = Dataset(dataset.name, dataset.kind, dataset.examples[:32])
+    first = Dataset(dataset.name, dataset.kind, dataset.examples[:cfg.loss_examples])
     reqs1, _ = tokenize(first.examples, tok, cfg.max_length)
     results["losses"] = loss_agreement(engine, reference, [(first, reqs1)], seed=1, eps=1e-2)
+    results["loss_examples"] = len(first.examples)  # results.json before the setting: 32
     done()
 
     done = timed("2 gradient")
@@ -243,7 +245,7 @@ def report(results: dict[str, Any]) -> str:
         "|---|---|",
         *[f"| {name} | {'**FAIL**' if ok is False else VERDICT[ok]} |" for name, ok in verdicts.items()],
         "",
-        f"## 1. Losses (first 32 examples, {sum(r['tokens'] for r in results['losses'][:1])} target tokens)",
+        f"## 1. Losses (first {results.get('loss_examples', 32)} examples, {sum(r['tokens'] for r in results['losses'][:1])} target tokens)",
         "",
         f"Max absolute difference, vLLM vs reference (tolerance {LOSS_TOL:g}); ε = 1e-2, seed 1:",
         "",

@@ -96,11 +96,12 @@ def test_validate_command_writes_its_report_and_passes(tmp_path, shared_engine):
     (tests/test_commands.py: a failed check exits 1, one that did not run says "not run".)"""
     out = tmp_path / "v"
     result = CliRunner().invoke(main, ["validate", "--task", "sst2", "--out", str(out), "--seeds", "2",
-                                       "--vllm-directions", "10", "--batch-size", "4"])
+                                       "--vllm-directions", "10", "--batch-size", "4", "--loss-examples", "8"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["cosine_vs_n.png", "eps_sweep.png", "report.md", "results.json"]
     results = json.loads((out / "results.json").read_text())
     assert [r["seed"] for r in results["gradient"]] == [1, 2] and results["batch"]["examples"] == 4
+    assert results["loss_examples"] == 8
     assert [r["n"] for r in results["cosine"] if r["vllm"] is not None] == [1, 10]
     assert results["adapter_independent_g"] == [0.0, 0.0]
     verdicts = V.passed(results)

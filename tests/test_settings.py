@@ -50,7 +50,7 @@ TUNE = {
 VALIDATE = {
     "--task": (None, "text"), "--data": (None, "path"), "--model": (None, "text"), "--adapter": (None, "path"),
     "--out": ("runs/validate", "path"), "--targets": ("q_proj,v_proj", "text"), "--rank": (8, "integer"),
-    "--alpha": (16.0, "float"), "--batch-size": (16, "integer"), "--seeds": (5, "integer"),
+    "--alpha": (16.0, "float"), "--loss-examples": (32, "integer"), "--batch-size": (16, "integer"), "--seeds": (5, "integer"),
     "--vllm-directions": (100, "integer"), "--max-length": (1024, "integer"),
     "--trust-remote-code": (False, "boolean"),
 }
