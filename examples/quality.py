@@ -38,7 +38,7 @@ TEST_CAP = {"squad": 150, "drop": 150}  # generation is the slowest to score
 DEFAULT_TEST_CAP = 300
 COMMON = dict(dtype="bfloat16", lr=2e-3, lr_schedule="linear", eps=1e-2, batch_size=16,
               targets=("q_proj", "v_proj"), rank=8, alpha=16.0)
-# lr 2e-3 decayed over a few hundred steps is stable (README, "Choosing the defaults"); held
+# lr 2e-3 decayed over a few hundred steps is stable (docs/results.md, "Choosing the defaults"); held
 # for longer it diverges on SST-2 (|g| 1.4 → 25 by step 550 of 3000), so the long run uses 1e-3.
 MEZO_LR = {"sst2": 1e-3}
 # MeZO steps per task (the budget of a shared 2-core machine); SST-2 gets the long run.

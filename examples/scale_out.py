@@ -7,7 +7,7 @@ Ray replica and two Ray replicas (the cores split between them), timing each ste
 engine calls (write the ± variants, score, apply the update) and counting the pickled bytes
 between the driver and the replicas; then the bytes of one step with an all-linear adapter, to
 show they do not grow with the adapter. Prints a table and writes the figures as JSON: the
-README's "Scaling out" section and its scaling model come from them.
+docs/scaling.md and its scaling model come from them.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ class ModelSettings:
 @dataclass(frozen=True, kw_only=True)
 class TuneConfig(ModelSettings):
     """`mezo-vllm tune`. Defaults are the MeZO paper's LoRA settings except where measured
-    otherwise on the default model and task (README, "Choosing the defaults")."""
+    otherwise on the default model and task (docs/results.md, "Choosing the defaults")."""
 
     out: str = setting(help="run folder", path=True, aliases=("--output_dir",))
     task: str | None = setting(None, "built-in task (see `mezo-vllm tasks`)")

@@ -1,7 +1,7 @@
 """Commands and settings on the real engine that no other test runs: `eval`'s normal path,
 `validate` (its exit code and files), `--engine reference` on a generation task, LOZO, and
 (slow, in child processes: they need engines of their own) momentum with `--directions 2` and
-`--weight-decay`, and stock vs patched vLLM (README "Benchmarks": adapters within 1.9e-6)."""
+`--weight-decay`, and stock vs patched vLLM (docs/benchmarks.md: adapters within 1.9e-6)."""
 
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def test_momentum_with_two_directions_and_weight_decay_on_the_real_engine(tmp_pa
 
 @pytest.mark.slow
 def test_stock_and_patched_vllm_train_the_same_adapter(tmp_path, engine_fp32):
-    """README "Benchmarks": SST-2 steps from the same seed on stock vLLM (a child process:
+    """docs/benchmarks.md: SST-2 steps from the same seed on stock vLLM (a child process:
     patches are process-wide) and on the patched engine give adapters within 1.9e-6 (the README's
     20 steps of 16, here 8 steps of 8: stock vLLM scores slowly)."""
     flags = ["--task", "sst2", "--steps", "8", "--batch-size", "8", "--eval-every", "0", "--eval-examples", "10",
