@@ -35,7 +35,7 @@ def reference(model_dir, initial_adapter) -> ReferenceEngine:
 def mixed(tokenizer) -> list[tuple[Dataset, list]]:
     """16 examples of real text: 8 classification (SST-2; 4 of them after the same few-shot
     demonstrations) and 8 completion (SQuAD, a pair of questions on the same passage, one
-    400-token prompt; short SST-2 continuations of 5-10 tokens)."""
+    256-token prompt; short SST-2 continuations of 5-10 tokens)."""
     sst2 = load_task("sst2").train.examples
     classification = list(sst2[:4]) + list(V.few_shot(Dataset("sst2", CLASSIFICATION, sst2[12:]), 4, 4).examples)
     squad = load_task("squad").train.examples
@@ -55,11 +55,11 @@ def mixed(tokenizer) -> list[tuple[Dataset, list]]:
     parts = []
     for kind, examples in ((CLASSIFICATION, classification), (COMPLETION, completion)):
         dataset = Dataset(kind, kind, tuple(examples))
-        requests, _ = tokenize(dataset.examples, tokenizer, 400)
+        requests, _ = tokenize(dataset.examples, tokenizer, 256)
         parts.append((dataset, requests))
     lengths = [len(r.token_ids) for _, reqs in parts for r in reqs]
     assert len(classification) + len(completion) == 16
-    assert min(lengths) <= 8 and max(lengths) == 400, (min(lengths), max(lengths))
+    assert min(lengths) <= 8 and max(lengths) == 256, (min(lengths), max(lengths))
     return parts
 
 
@@ -252,7 +252,7 @@ from mezo_vllm.model import prepare_default_model
 from mezo_vllm.trainer import tune
 
 model = str(prepare_default_model())
-cfg = TuneConfig(out=sys.argv[1], task="sst2", dtype="bfloat16", steps=4, batch_size=4, eval_every=0,
+cfg = TuneConfig(out=sys.argv[1], task="sst2", dtype="bfloat16", steps=2, batch_size=4, eval_every=0,
                  save_every=0, eval_examples=int(sys.argv[2]))
 init = LoraAdapter.init(LoraSpec(), model_linear_shapes(model), seed=cfg.seed)
 engine = VllmEngine(EngineConfig(model=model, dtype="bfloat16"), init)
@@ -274,11 +274,11 @@ print(json.dumps({"master": sorted({str(v.dtype) for v in master.values()}),
 
 @pytest.mark.slow
 def test_bf16_engine_keeps_an_fp32_master_and_agrees_with_fp32(tmp_path, engine_fp32, initial_adapter, tokenizer):
-    """A bf16 engine (its own process; bf16 matmuls are slow on CPUs without AMX, so 4 steps of
+    """A bf16 engine (its own process; bf16 matmuls are slow on CPUs without AMX, so 2 steps of
     4 examples): its worker holds the master in fp32 and keeps updates too small for bf16, vLLM's
     slot holds the bf16 variant, its steps are finite, and its log-probs before training are the
     fp32 engine's within bf16's rounding."""
-    run, n_dev = tmp_path / "bf16", 16
+    run, n_dev = tmp_path / "bf16", 8
     result = subprocess.run([sys.executable, "-c", _BF16_RUN, str(run), str(n_dev)],
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -286,7 +286,7 @@ def test_bf16_engine_keeps_an_fp32_master_and_agrees_with_fp32(tmp_path, engine_
     assert held["master"] == ["torch.float32"] and held["slot"] == ["torch.bfloat16"], held
     assert held["below_bf16_resolution"] > 0, held
     records = _records(run)
-    assert len(records) == 4 and all(math.isfinite(r["loss_plus"]) and math.isfinite(r["loss_minus"])
+    assert len(records) == 2 and all(math.isfinite(r["loss_plus"]) and math.isfinite(r["loss_minus"])
                                      for r in records)
     cfg = TuneConfig(out=str(tmp_path / "unused"), task="sst2")
     dev = Split.make(load_task("sst2").dev, tokenizer, cfg.max_length, cfg.overflow).first(n_dev)
