@@ -1,6 +1,6 @@
 """The study of issue 12: which MeZO settings reach the best SST-2 accuracy in the least wall time.
 
-    flock /tmp/mezo-cpu.lock nice -n 19 python examples/study.py run [--setting GLOB ...] [--seeds 0,1,2]
+    python examples/study.py run [--setting GLOB ...] [--seeds 0,1,2]
     python examples/study.py list                 # the grid, and which runs are done
     python examples/study.py report               # table (mean ± std over seeds) and plot
 

@@ -230,13 +230,20 @@ def _f(x: float | None) -> str:
     return "—" if x is None else f"{x:.4f}"
 
 
+def _home_relative(path: str) -> str:
+    """A path as the report shows it: under the home folder as ~/..., so that a report read on
+    another machine names the cache folder, not this machine's user."""
+    home = str(Path.home())
+    return "~" + path[len(home):] if path == home or path.startswith(home + "/") else path
+
+
 def report(results: dict[str, Any]) -> str:
     verdicts = passed(results)
     b = results["batch"]
     lines = [
         "# mezo-vllm validate",
         "",
-        f"Model `{results['model']}`, data `{results['data']}`, LoRA r={results['rank']} on "
+        f"Model `{_home_relative(results['model'])}`, data `{results['data']}`, LoRA r={results['rank']} on "
         f"{', '.join(results['targets'])} (d = {results['d']:,} parameters), adapter: {results['adapter']}. "
         "vLLM engine in fp32 against transformers + PEFT (the reference) on the same adapter and seeded z. "
         f"Time: {results['seconds']['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in results['seconds'].items() if k != 'total')}).",
