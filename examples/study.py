@@ -191,9 +191,11 @@ class _Budget:
 
 
 def _dev_curve(run: Path) -> list[dict[str, float]]:
+    from mezo_vllm.outputs import dev_lines
+
     path = run / "metrics.jsonl"
     lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-    return [{"step": m["step"], "accuracy": m["accuracy"], "wall_s": m["wall_s"]} for m in lines]
+    return [{"step": m["step"], "accuracy": m["accuracy"], "wall_s": m["wall_s"]} for m in dev_lines(lines)]
 
 
 def _test_accuracy(engine: Any, cfg: Any, run: Path) -> tuple[float, int]:
@@ -338,7 +340,7 @@ def sitting(names: Sequence[str], root: Path, minutes: float, steps: int | None)
     first = configs[0]
     p = prepare(first, resume=(Path(first.out) / "config.json").exists())
     t0 = time.perf_counter()
-    engine = start_engine(first, p.model_dir, LoraAdapter.init(p.spec, p.shapes, first.seed))
+    engine = start_engine(p.cfg, p.model_dir, LoraAdapter.init(p.spec, p.shapes, first.seed))
     engine_start_s = time.perf_counter() - t0
     for cfg in configs:
         ended = _run_one(cfg, engine, engine_start_s, minutes, root / f"{Path(cfg.out).name}.json")

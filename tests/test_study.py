@@ -76,3 +76,13 @@ def test_report_table_is_mean_and_std_over_seeds_sorted_by_dev(tmp_path):
     result = CliRunner().invoke(study.main, ["report", "--root", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "table.md").read_text().strip() == text and (tmp_path / "study.png").stat().st_size > 10_000
+
+
+def test_dev_curve_reads_the_dev_lines_among_the_train_lines(tmp_path):
+    """metrics.jsonl holds a train line per step beside the dev evaluations: the curve is the latter."""
+    lines = [{"step": 0, "accuracy": 0.5, "skipped_steps": 0, "wall_s": 4.0},
+             {"step": 1, "train_loss": 1.2, "train_loss_ema": 1.2, "lr": 2e-3, "abs_g": 0.4},
+             {"step": 1, "accuracy": 0.75, "skipped_steps": 0, "wall_s": 9.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert study._dev_curve(tmp_path) == [{"step": 0, "accuracy": 0.5, "wall_s": 4.0},
+                                          {"step": 1, "accuracy": 0.75, "wall_s": 9.5}]
