@@ -128,7 +128,7 @@ def config(setting: Setting, seed: int, root: Path, steps: int | None = None):
 
 def _engine_key(cfg: Any) -> tuple:
     """What an engine is started with (`trainer.start_engine`): runs that agree share one."""
-    return cfg.dtype, cfg.rank, tuple(cfg.targets), cfg.directions, cfg.max_length
+    return cfg.dtype, cfg.rank, tuple(cfg.targets), cfg.directions, cfg.max_length, cfg.compile
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -265,15 +265,20 @@ def _machine() -> str:
 
 
 def _pending(settings: Iterable[Setting], seeds: Sequence[int], root: Path, steps: int | None) -> list[tuple[Setting, int]]:
-    """The runs still to do; a result written with other settings than the grid's is refused."""
+    """The runs still to do; a result written with other settings than the grid's is refused (a
+    setting newer than the result file counts as its default)."""
+    from mezo_vllm.config import TuneConfig
+
+    defaults = _as_saved(TuneConfig(out=""))
     todo = []
     for setting in settings:
         for seed in seeds:
             cfg = config(setting, seed, root, steps)
             cfg.validate()
             record = _load(root / f"{run_name(setting, seed)}.json")
-            if record and record["config"] != _as_saved(cfg):
-                changed = sorted(k for k, v in _as_saved(cfg).items() if record["config"].get(k) != v)
+            changed = sorted(k for k, v in _as_saved(cfg).items()
+                             if record and record["config"].get(k, defaults.get(k)) != v)
+            if changed:
                 raise click.ClickException(f"{root}/{run_name(setting, seed)}.json was run with other "
                                            f"settings ({', '.join(changed)}): use another --root or delete it")
             if not record or record.get("status") not in ("done", "diverged"):

@@ -6,17 +6,20 @@ dataclasses (`options.py`); this module only wires commands to the library.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
-from . import __version__
+from . import __version__, console
 from .config import DTYPES, ConfigError, TuneConfig
 from .errors import USER_ERRORS, EngineStartError
 from .options import given_settings, settings_options
@@ -46,6 +49,21 @@ def _one_line_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+@contextlib.contextmanager
+def _engine_output(log: Path, verbose: bool) -> Iterator[None]:
+    """vLLM's and torch's output in `log` for the block, as `tune` keeps it in RUN/engine.log, so
+    the terminal shows our lines only; an engine that does not start names the log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with console.quiet(log, verbose):
+        try:
+            yield
+        except EngineStartError as e:
+            raise EngineStartError(str(e) if verbose else f"{e}; vLLM's log: {log}") from e.__cause__
+
+
+_VERBOSE = "show vLLM's and torch's logs and warnings (default: in {})"
+
+
 @click.group()
 @click.version_option(__version__, prog_name="mezo-vllm")
 def main() -> None:
@@ -57,7 +75,7 @@ def main() -> None:
               help="recipe file (YAML or JSON) with the keys of a run's config.json; flags given here override it")
 @click.option("--resume", "resume_dir", type=click.Path(), help="continue the run in this folder")
 @click.option("--overwrite", is_flag=True, help="replace an existing --out run folder")
-@click.option("--verbose", is_flag=True, help="show vLLM's and torch's logs and warnings (default: in RUN/engine.log)")
+@click.option("--verbose", is_flag=True, help=_VERBOSE.format("RUN/engine.log"))
 @settings_options(TuneConfig)
 @_one_line_errors
 def tune(recipe: str | None, resume_dir: str | None, overwrite: bool, verbose: bool, **values: Any) -> None:
@@ -84,9 +102,10 @@ def tune(recipe: str | None, resume_dir: str | None, overwrite: bool, verbose: b
               help="the built-in task's split to evaluate on")
 @click.option("--data", type=click.Path(), help="JSONL/CSV data instead of --task")
 @click.option("--model", help="base model folder (default: the adapter's base model)")
+@click.option("--verbose", is_flag=True, help=_VERBOSE.format("a log file under the system's temp folder"))
 @settings_options(TuneConfig, only=("dtype", "max_length", "trust_remote_code"))
 @_one_line_errors
-def eval_(adapter_dir: str, task: str | None, split: str, data: str | None, model: str | None,
+def eval_(adapter_dir: str, task: str | None, split: str, data: str | None, model: str | None, verbose: bool,
           dtype: str, max_length: int, trust_remote_code: bool) -> None:
     """The metric of an adapter and of the base model without it, on the same data."""
     from .adapter import LoraAdapter
@@ -105,11 +124,13 @@ def eval_(adapter_dir: str, task: str | None, split: str, data: str | None, mode
     model_dir = str(resolve_model(base))
     dataset = (getattr(load_task(task), split) if task
                else load_file(data, tokenizer_loader(model_dir, trust_remote_code)))  # chat: the model's template
-    engine = VllmEngine(EngineConfig(model=model_dir, dtype=engine_dtype(dtype), max_model_len=max_length, n_variants=1,
-                                     trust_remote_code=trust_remote_code), adapter)
-    data_split = Split.make(dataset, engine.tokenizer, max_length, "truncate")
-    engine.write_variants([(0, 0.0)])
-    without, with_ = evaluate(engine, data_split, None), evaluate(engine, data_split, 0)
+    log = Path(tempfile.gettempdir()) / f"mezo-vllm-eval-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    with _engine_output(log, verbose):
+        engine = VllmEngine(EngineConfig(model=model_dir, dtype=engine_dtype(dtype), max_model_len=max_length,
+                                         n_variants=1, trust_remote_code=trust_remote_code), adapter)
+        data_split = Split.make(dataset, engine.tokenizer, max_length, "truncate")
+        engine.write_variants([(0, 0.0)])
+        without, with_ = evaluate(engine, data_split, None), evaluate(engine, data_split, 0)
     for key in with_:
         click.echo(f"{dataset.name} {key}: {without[key]:.4f} without the adapter, {with_[key]:.4f} with it")
 
@@ -203,14 +224,18 @@ def tasks() -> None:
 
 
 @main.command()
+@click.option("--verbose", is_flag=True, help=_VERBOSE.format("OUT/engine.log"))
 @settings_options(ValidateConfig)
 @_one_line_errors
-def validate(**values: Any) -> None:
+def validate(verbose: bool, **values: Any) -> None:
     """Check the vLLM engine against transformers + PEFT on your model and data (run it first
     on a new model): losses, g vs autograd, ε sweep, prefix sharing. Writes a markdown report."""
     from .validate import VERDICT, passed, run_validate
 
-    out = run_validate(ValidateConfig(**values), echo=click.echo)
+    cfg = ValidateConfig(**values)
+    cfg.validate()  # before the folder of its log is made
+    with _engine_output(Path(cfg.out) / "engine.log", verbose):
+        out = run_validate(cfg, echo=console.say)
     verdicts = passed(json.loads((out / "results.json").read_text()))
     for name, ok in verdicts.items():
         click.echo(f"{VERDICT[ok]}  {name}")

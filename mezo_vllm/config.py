@@ -136,6 +136,12 @@ class TuneConfig(ModelSettings):
                             "or drop them", choices=OVERFLOW)
     eval_examples: int = setting(0, "dev examples per evaluation (0 = all)", checks=(at_least(0),))
     fast: bool = setting(True, "run without the speed-up patches (for comparison)", flag="--stock-vllm")
+    # vLLM's CPU compilation kept on with LoRA (patches.compiled_lora): measured 7-14% faster
+    # steps, losses within 3.4e-6 (docs/benchmarks.md); off by default because the first start
+    # of an engine shape compiles for ~70 s, about what a 10-minute run would win back.
+    compile: bool = setting(False, "compile the engine's forward pass (torch.compile, LoRA ops as custom ops): "
+                            "faster steps; the first start of a model/rank compiles ~70 s, later ones read "
+                            "vLLM's cache", on_resume=OnResume.MAY_CHANGE)
     engine: str = setting("vllm", "reference: transformers + PEFT with the same seeds and scoring "
                           "(the oracle; slow)", choices=ENGINES)
     # Scale-out (README, "Scaling out"): data-parallel replicas on Ray (a local cluster unless
@@ -155,6 +161,8 @@ class TuneConfig(ModelSettings):
         check_settings(self)
         if self.engine == "reference" and not self.fast:
             raise ConfigError("--stock-vllm goes with --engine vllm")
+        if self.compile and (self.engine == "reference" or not self.fast):
+            raise ConfigError("--compile compiles the patched vLLM engine: not with --engine reference or --stock-vllm")
         if self.engine == "reference" and (self.replicas > 1 or self.ray_address is not None
                                            or self.tensor_parallel_size * self.pipeline_parallel_size > 1):
             raise ConfigError("--replicas, --ray-address and --tensor/--pipeline-parallel-size go with --engine vllm")

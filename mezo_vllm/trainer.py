@@ -214,7 +214,7 @@ def start_engine(cfg: TuneConfig, model_dir: str, adapter: LoraAdapter) -> Scori
     from .platform_policy import engine_dtype
 
     config = EngineConfig(model=model_dir, dtype=engine_dtype(cfg.dtype), max_model_len=cfg.max_length,
-                          n_variants=2 * cfg.directions, seed=cfg.seed, fast=cfg.fast,
+                          n_variants=2 * cfg.directions, seed=cfg.seed, fast=cfg.fast, compile=cfg.compile,
                           trust_remote_code=cfg.trust_remote_code,
                           tensor_parallel_size=cfg.tensor_parallel_size,
                           pipeline_parallel_size=cfg.pipeline_parallel_size)

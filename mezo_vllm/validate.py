@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import console
 from .adapter import LoraAdapter, LoraSpec, model_linear_shapes, resolve_targets
 from .checks import (
     COSINE_NS,
@@ -137,7 +138,7 @@ def run_validate(cfg: ValidateConfig, echo: Callable[[str], None] = print) -> Pa
     n_vllm = [n for n in COSINE_NS if n <= cfg.vllm_directions]
     from tqdm import tqdm
 
-    with tqdm(total=max(n_vllm, default=0), desc="vLLM g", unit="g", leave=False) as bar:
+    with tqdm(total=max(n_vllm, default=0), desc="vLLM g", unit="g", leave=False, file=console.stream()) as bar:
         def vllm_g(seed: int) -> float:
             bar.update()
             return g_of(engine, batch, reqs, seed, GRAD_EPS)

@@ -89,3 +89,27 @@ def test_peak_rss_runs_the_cli_as_a_child():
     assert 0 < bench.peak_rss(["--version"]) < 4
     with pytest.raises(ConfigError, match=r"^--out is required \(or --resume RUN_DIR\)$"):
         bench.peak_rss(["tune", "--task", "sst2"])
+
+
+@pytest.mark.parametrize("command", ["eval", "validate"])
+def test_an_engine_that_does_not_start_names_its_log(tmp_path, monkeypatch, model_dir, initial_adapter, command):
+    """eval and validate keep vLLM's output in a log as tune does: the one-line error says where."""
+    import tempfile
+
+    import mezo_vllm.engine
+    from mezo_vllm.errors import EngineStartError
+
+    def no_start(config, adapter):
+        raise EngineStartError("ValueError: no KV cache fits")
+
+    monkeypatch.setattr(mezo_vllm.engine, "VllmEngine", no_start)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    initial_adapter.save(tmp_path / "adapter", base_model=model_dir)
+    args = (["eval", "--adapter", str(tmp_path / "adapter"), "--task", "sst2"] if command == "eval" else
+            ["validate", "--task", "sst2", "--out", str(tmp_path / "v")])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    log = next(tmp_path.glob("mezo-vllm-eval-*.log")) if command == "eval" else tmp_path / "v" / "engine.log"
+    assert result.stderr.splitlines()[-1] == f"error: ValueError: no KV cache fits; vLLM's log: {log}"
+    assert "Traceback" not in result.output
+    assert log.is_file()

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def _replay(records: list[dict], cfg: TuneConfig, model_dir: str) -> LoraAdapter
 # --------------------------------------------------------------------------- eval
 
 
-def test_eval_prints_the_metric_without_and_with_the_adapter(tmp_path, shared_engine, engine_fp32,
+def test_eval_prints_the_metric_without_and_with_the_adapter(tmp_path, monkeypatch, shared_engine, engine_fp32,
                                                              random_adapter, model_dir, tokenizer):
     """`mezo-vllm eval` on a completion file: its two NLLs are the base model's and the one of
     the adapter as vLLM itself loads it from disk (LoRARequest), an independent path."""
@@ -73,8 +74,13 @@ def test_eval_prints_the_metric_without_and_with_the_adapter(tmp_path, shared_en
     data.write_text("".join(json.dumps({"prompt": e.prompt, "completion": e.targets[e.label]}) + "\n"
                             for e in examples))
     random_adapter.save(tmp_path / "adapter", base_model=model_dir)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     result = CliRunner().invoke(main, ["eval", "--adapter", str(tmp_path / "adapter"), "--data", str(data)])
     assert result.exit_code == 0, result.output
+    # vLLM's and torch's output goes to a log of its own, as tune's goes to RUN/engine.log
+    [log] = (tmp_path / "tmp").glob("mezo-vllm-eval-*.log")
+    assert log.read_text().startswith("==== ")
     assert len(shared_engine) == 1 and shared_engine[0].model == model_dir and shared_engine[0].n_variants == 1
     line = next(line for line in result.output.splitlines() if line.startswith(f"{data} nll: "))
     without, with_ = (float(x.split()[0]) for x in line.split(": ")[1].split(", "))
@@ -98,7 +104,10 @@ def test_validate_command_writes_its_report_and_passes(tmp_path, shared_engine):
     result = CliRunner().invoke(main, ["validate", "--task", "sst2", "--out", str(out), "--seeds", "2",
                                        "--vllm-directions", "10", "--batch-size", "4", "--loss-examples", "8"])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["cosine_vs_n.png", "eps_sweep.png", "report.md", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["cosine_vs_n.png", "engine.log", "eps_sweep.png", "report.md",
+                                                     "results.json"]
+    assert (out / "engine.log").read_text().startswith("==== ")  # vLLM's and torch's lines, not the terminal's
+    assert "check 2: g vs the autograd directional derivative ..." in result.output  # ours
     results = json.loads((out / "results.json").read_text())
     assert [r["seed"] for r in results["gradient"]] == [1, 2] and results["batch"]["examples"] == 4
     assert results["loss_examples"] == 8

@@ -116,6 +116,8 @@ def test_a_good_config_gets_to_the_engine(tmp_path, model, data, engines):
     (["--targets", " , "], ["--targets is empty"]),
     (["--task", "sst2"], ["exactly one of --task NAME or --data FILE"]),
     (["--stock-vllm", "--engine", "reference"], ["--stock-vllm goes with --engine vllm"]),
+    (["--compile", "--stock-vllm"], ["--compile compiles the patched vLLM engine"]),
+    (["--compile", "--engine", "reference"], ["--compile compiles the patched vLLM engine"]),
 ])
 def test_bad_settings(tmp_path, model, data, engines, args, fragments):
     result = _tune("--out", tmp_path / "run", "--data", data, "--model", model, *args)
@@ -378,6 +380,14 @@ def test_resume_with_other_settings_on_the_command_line(tmp_path, run, engines, 
     args = [a.format(tmp=tmp_path) for a in args]
     _refused(_tune("--resume", run, *args), *fragments, started=engines)
     assert len((run / "trajectory.jsonl").read_text().splitlines()) == 25  # nothing truncated
+
+
+def test_compile_reaches_the_engine_and_may_change_on_resume(tmp_path, run, model, data, engines):
+    result = _tune("--out", tmp_path / "fresh", "--data", data, "--model", model)
+    assert isinstance(result.exception, EngineStarted) and engines[-1][0].compile is False
+    result = _tune("--resume", run, "--compile")
+    assert isinstance(result.exception, EngineStarted), result.output
+    assert engines[-1][0].compile is True and engines[-1][0].fast is True
 
 
 def test_resume_with_the_same_settings_spelled_out(run, model, engines):

@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -215,6 +215,46 @@ def own_replicas(pair):
     engine.close()
 
 
+class _Sampler(threading.Thread):
+    """The listening TCP sockets of this process and its descendants, every half second."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.seen: set[tuple[int, str, str, int]] = set()
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            self.seen |= listening(os.getpid())
+            self.done.wait(0.5)
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.join()
+
+
+@pytest.mark.slow
+def test_a_local_ray_cluster_listens_on_loopback_only(tmp_path, pair):
+    """The replicas without --ray-address, as `tune --replicas 2` starts them (first in this module,
+    so the pair starts here): every TCP socket that this process and its descendants listen on
+    (Ray's GCS, raylet, agents and workers; the replicas and their engines), sampled every half
+    second from before the cluster starts to the end of a 2-step run, is a loopback one; Ray's
+    token authentication is on."""
+    with _Sampler() as sampler:
+        _run(tmp_path, "net", pair.get(), steps=2)
+    names = {name for _, name, _, _ in sampler.seen}
+    assert {"gcs_server", "raylet"} <= names, sampler.seen  # sampled while Ray was up
+    assert len({pid for pid, name, _, _ in sampler.seen if name.startswith("ray::_Replica")}) == 2, sampler.seen
+    exposed = sorted((name, address, port) for _, name, address, port in sampler.seen if not is_loopback(address))
+    assert not exposed, exposed
+    # Ray turns token authentication on for the cluster it starts and tells its children so
+    assert os.environ.get("RAY_AUTH_MODE") == "token" and (Path.home() / ".ray" / "auth_token").is_file()
+
+
 @pytest.mark.slow
 def test_two_replicas_same_trajectory_as_one_engine(tmp_path, one_engine_run, replicated):
     import ray
@@ -312,41 +352,3 @@ def test_a_replica_that_dies_stops_the_run_with_the_checkpoint_intact(tmp_path, 
     reference, _ = _run(tmp_path, "two-steps", engine_fp32, steps=2)
     expected = LoraAdapter.load(reference / "adapter").tensors
     assert max(float((adapter.tensors[k] - expected[k]).abs().max()) for k in expected) < 1e-5
-
-
-@pytest.mark.slow
-def test_a_local_ray_cluster_listens_on_loopback_only(tmp_path):
-    """`tune --replicas 2` without --ray-address, as a user runs it: every TCP socket that its
-    processes listen on (the driver; Ray's GCS, raylet, agents and workers; the replicas and their
-    engines), sampled every half second while it runs, is a loopback one; Ray's token
-    authentication stays on."""
-    cli = Path(sys.executable).parent / "mezo-vllm"
-    flags = {"--task": "sst2", "--replicas": 2, "--steps": 2, "--batch-size": 4, "--eval-every": 0,
-             "--eval-examples": 4, "--save-every": 0, "--out": tmp_path / "run"}
-    command = [str(cli), "tune", *(str(x) for kv in flags.items() for x in kv)]
-    seen: set[tuple[int, str, str, int]] = set()
-    log = tmp_path / "tune.log"
-    with open(log, "wb") as out:
-        run = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 600
-        while run.poll() is None and time.monotonic() < deadline:
-            seen |= listening(run.pid)
-            time.sleep(0.5)
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-        run.wait(timeout=60)
-    text = log.read_text(errors="replace")
-    assert run.returncode == 0, text[-3000:]
-    names = {name for _, name, _, _ in seen}
-    assert {"gcs_server", "raylet"} <= names, seen  # sampled while Ray was up
-    assert len({pid for pid, name, _, _ in seen if name.startswith("ray::_Replica")}) == 2, seen
-    exposed = sorted((name, address, port) for _, name, address, port in seen if not is_loopback(address))
-    assert not exposed, exposed
-    # token authentication: Ray says "enabled" when it makes the token (a machine's first
-    # cluster) and then reuses ~/.ray/auth_token silently; "disabled" it would always say
-    logs = text + (tmp_path / "run" / "engine.log").read_text(errors="replace")
-    # (an earlier cluster in this process may have set RAY_AUTH_MODE=token for its children)
-    assert "Token authentication is disabled" not in logs and os.environ.get("RAY_AUTH_MODE") in (None, "token")
-    assert "Token authentication is enabled" in logs or (Path.home() / ".ray" / "auth_token").is_file()

@@ -86,3 +86,18 @@ def test_dev_curve_reads_the_dev_lines_among_the_train_lines(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     assert study._dev_curve(tmp_path) == [{"step": 0, "accuracy": 0.5, "wall_s": 4.0},
                                           {"step": 1, "accuracy": 0.75, "wall_s": 9.5}]
+
+
+def test_a_result_file_older_than_a_setting_reads_it_as_its_default(tmp_path):
+    """A result written before a setting existed (here `compile`) is the grid's run if the setting is
+    at its default, and another run if the grid changes it."""
+    _result(tmp_path, "base", 0)
+    path = tmp_path / "base-s0.json"
+    record = json.loads(path.read_text())
+    del record["config"]["compile"]
+    path.write_text(json.dumps(record))
+    assert study._pending([study.BY_NAME["base"]], [0], tmp_path, None) == []
+    record["config"]["seed"] = 5
+    path.write_text(json.dumps(record))
+    with pytest.raises(Exception, match=r"was run with other settings \(seed\)"):
+        study._pending([study.BY_NAME["base"]], [0], tmp_path, None)
