@@ -15,7 +15,7 @@ tune: setup
 	$(VENV)/bin/mezo-vllm tune --task sst2 --out runs/sst2-default $(ARGS)
 
 test: setup
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 bench: setup
 	$(VENV)/bin/mezo-vllm bench --out runs/bench $(ARGS)
