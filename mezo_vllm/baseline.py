@@ -8,6 +8,10 @@ request without its last token (whose logits predict nothing scored), and comput
 on the target rows only (`logits_to_keep`); options that differ in their last token come from one
 sequence (SST-2's " terrible"/" great" from the prompt's last position). The loss is the
 trainer's (`objective.batch_loss`), on the same batches.
+
+It starts from the engine's initial adapter and draws the engine's z (`adapter.noise`, by seed
+and tensor name), which costs what `torch.randn` costs: so the two loops take the same steps, and
+the benchmark's first-step loss gap between them is a check of the engine, not noise of two RNGs.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .adapter import LoraAdapter, noise
 from .data import Dataset, Request
 from .objective import batch_loss
 
@@ -23,16 +28,20 @@ from .objective import batch_loss
 class PeftMezoLoop:
     """One transformers model with a PEFT LoRA adapter, trained by MeZO in place."""
 
-    def __init__(self, model_dir: str, dtype: str, rank: int, alpha: float, targets: Sequence[str],
-                 max_batch: int = 64):
+    def __init__(self, model_dir: str, dtype: str, initial: LoraAdapter, max_batch: int = 64):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+        spec = initial.spec
+        config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.targets), lora_dropout=0.0)
         self.model = get_peft_model(base, config).eval()
-        self.params = [p for n, p in self.model.named_parameters() if "lora_" in n]
+        # PEFT names a parameter `...lora_A.default.weight`; the adapter file drops `.default`
+        self.params = {n.replace(".default", ""): p for n, p in self.model.named_parameters() if "lora_" in n}
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(initial.tensors[name])
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.max_batch = max_batch
 
@@ -58,9 +67,8 @@ class PeftMezoLoop:
         return torch.cat(out).double()
 
     def _perturb(self, seed: int, scale: float) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        for p in self.params:
-            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype), alpha=scale)
+        for name, p in self.params.items():
+            p.add_(noise(seed, name, p.shape).to(p.dtype), alpha=scale)
 
     @torch.no_grad()
     def step(self, dataset: Dataset, requests: Sequence[Request], seed: int, eps: float, lr: float

@@ -120,7 +120,7 @@ class _Peft:
     def __init__(self, model_dir: str, dtype: str):
         from .baseline import PeftMezoLoop
 
-        self.loop = PeftMezoLoop(model_dir, dtype, SPEC.r, SPEC.alpha, SPEC.targets)
+        self.loop = PeftMezoLoop(model_dir, dtype, LoraAdapter.init(SPEC, model_linear_shapes(model_dir), seed=0))
         self.tokenizer = self.loop.tokenizer
 
     def step(self, split: Split, requests: list, seed: int) -> list[float]:

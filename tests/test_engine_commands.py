@@ -1,7 +1,7 @@
 """Commands and settings on the real engine that no other test runs: `eval`'s normal path,
 `validate` (its exit code and files), `--engine reference` on a generation task, LOZO, and
 (slow, in child processes: they need engines of their own) momentum with `--directions 2` and
-`--weight-decay`, and stock vs patched vLLM (docs/benchmarks.md: adapters within 1.9e-6)."""
+`--weight-decay`, and stock vs patched vLLM (docs/benchmarks.md: adapters within 1e-5)."""
 
 from __future__ import annotations
 
@@ -186,8 +186,9 @@ def test_momentum_with_two_directions_and_weight_decay_on_the_real_engine(tmp_pa
 @pytest.mark.slow
 def test_stock_and_patched_vllm_train_the_same_adapter(tmp_path, engine_fp32):
     """docs/benchmarks.md: SST-2 steps from the same seed on stock vLLM (a child process:
-    patches are process-wide) and on the patched engine give adapters within 1.9e-6 (the README's
-    20 steps of 16, here 4 steps of 8: stock vLLM scores slowly)."""
+    patches are process-wide) and on the patched engine give adapters within 1e-5 (the README's
+    20 steps of 16, here 4 steps of 8: stock vLLM scores slowly; fp32 sums in another order:
+    1.9e-6 was measured on an AVX2 CPU, 3.1e-6 on an AVX-512 one)."""
     flags = ["--task", "sst2", "--steps", "4", "--batch-size", "8", "--eval-every", "0", "--eval-examples", "10",
              "--save-every", "0"]
     done = subprocess.run([*CLI, "tune", *flags, "--out", str(tmp_path / "stock"), "--stock-vllm"],
@@ -197,7 +198,7 @@ def test_stock_and_patched_vllm_train_the_same_adapter(tmp_path, engine_fp32):
                     eval_examples=10, save_every=0), engine=engine_fp32)
     stock = LoraAdapter.load(tmp_path / "stock/adapter").tensors
     patched = LoraAdapter.load(tmp_path / "patched/adapter").tensors
-    assert max(float((stock[k] - patched[k]).abs().max()) for k in stock) <= 1.9e-6
+    assert max(float((stock[k] - patched[k]).abs().max()) for k in stock) <= 1e-5
     gs = [(a["g"], b["g"]) for a, b in zip(_records(tmp_path / "stock"), _records(tmp_path / "patched"), strict=True)]
     assert max(abs(a - b) for a, b in gs) < 1e-3 < max(abs(a) for a, _ in gs)
     assert json.loads((tmp_path / "stock/config.json").read_text())["fast"] is False

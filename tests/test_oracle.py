@@ -318,3 +318,22 @@ def test_reusing_the_plus_pass_prompt_kv_biases_g(reference, loaded, sst2_batch,
         assert r["rel_err_reuse"] > 0.1, r  # README: "off by more than 10%" (its size depends on the batch)
         if r["eps"] == 1e-3:
             assert r["rel_err_exact"] < V.GRAD_TOL, r
+
+
+def test_the_benchmarks_peft_loop_takes_the_engines_steps(engine_fp32, model_dir, tokenizer, sst2_batch):
+    """bench's baseline (`baseline.PeftMezoLoop`, batched and padded) from the engine's initial
+    adapter with the engine's z: two MeZO steps give the engine's L+ and L− (fp32 sums in
+    another order), so the benchmark compares the same work and its loss gap checks the engine."""
+    from mezo_vllm.baseline import PeftMezoLoop
+    from mezo_vllm.trainer import mezo_step
+
+    dataset, requests = sst2_batch
+    initial = V.random_adapter(LoraSpec(), model_linear_shapes(model_dir))
+    loop = PeftMezoLoop(model_dir, "float32", initial)
+    engine_fp32.load_master(initial)
+    split = Split.make(dataset, tokenizer, 1024, "truncate")
+    for seed in (7, 8):
+        ours = mezo_step(engine_fp32, split, split.requests, [seed], 1e-2, ZOSGD(), 1e-2).losses
+        theirs = loop.step(dataset, requests, seed, 1e-2, 1e-2)
+        assert ours == pytest.approx(list(theirs), abs=2e-5), (seed, ours, theirs)
+    assert abs(ours[0] - ours[1]) > 1e-4  # the directions move the loss: the check has teeth
