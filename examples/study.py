@@ -94,6 +94,16 @@ GRID: tuple[Setting, ...] = (
     Setting("fzoo-n4-lr-1e-2", "update rule", _fzoo(4, 1e-2)),
     Setting("fzoo-n8-lr-1e-2", "update rule", _fzoo(8, 1e-2)),
     *(Setting(f"bf16-eps-{e}", "engine dtype", dict(dtype="bfloat16", eps=float(e))) for e in ("1e-2", "3e-2", "1e-1")),
+    # What a 10-minute budget buys where bf16 is native (AMX: a bf16 step is ~3.5x cheaper than
+    # fp32): as many forward passes as fit in ~8.5 minutes of training, for the three ways of
+    # spending them (one direction, n directions, FZOO). lr 1e-3 for one direction: 2e-3 diverges
+    # in long bf16 runs (docs/quality.md).
+    Setting("bf16-10min-mezo", "10-minute budget", dict(dtype="bfloat16", lr=1e-3, steps=1200, eval_every=100,
+                                                        save_every=200)),
+    Setting("bf16-10min-n4", "10-minute budget", dict(dtype="bfloat16", directions=4, lr=4e-3, steps=300,
+                                                      eval_every=25)),
+    Setting("bf16-10min-fzoo-n4", "10-minute budget", dict(dtype="bfloat16", estimator="fzoo", directions=4,
+                                                           lr=1e-2, steps=480, eval_every=40, save_every=80)),
 )
 BY_NAME = {s.name: s for s in GRID}
 
@@ -198,14 +208,14 @@ def _dev_curve(run: Path) -> list[dict[str, float]]:
     return [{"step": m["step"], "accuracy": m["accuracy"], "wall_s": m["wall_s"]} for m in dev_lines(lines)]
 
 
-def _test_accuracy(engine: Any, cfg: Any, run: Path) -> tuple[float, int]:
-    """The finished adapter on the whole test split, in the engine that trained it."""
+def _test_accuracy(engine: Any, cfg: Any, adapter: Path) -> tuple[float, int]:
+    """An adapter of the finished run on the whole test split, in the engine that trained it."""
     from mezo_vllm.adapter import LoraAdapter
     from mezo_vllm.data import Split, load_task
     from mezo_vllm.evaluation import evaluate
 
     split = Split.make(load_task(cfg.task).test, engine.tokenizer, cfg.max_length, cfg.overflow)
-    engine.load_master(LoraAdapter.load(run / "adapter"))
+    engine.load_master(LoraAdapter.load(adapter))
     engine.write_variants([(0, 0.0)])
     return evaluate(engine, split, 0)["accuracy"], len(split.by_example)
 
@@ -234,13 +244,14 @@ def _run_one(cfg: Any, engine: Any, engine_start_s: float, minutes: float, path:
         _save(path, record)
         return "diverged"
     curve = _dev_curve(run)
-    accuracy, examples = _test_accuracy(engine, cfg, run)
+    accuracy, examples = _test_accuracy(engine, cfg, run / "adapter")
+    best_accuracy, _ = _test_accuracy(engine, cfg, run / "best")
     trajectory = _trajectory(run)
     record.update(status="done", seed=cfg.seed, steps=cfg.steps, dev_curve=curve,
                   dev_final=curve[-1]["accuracy"], dev_best=max(c["accuracy"] for c in curve),
                   train_wall_s=curve[-1]["wall_s"], wall_s=round(curve[-1]["wall_s"] + record["engine_start_s"], 1),
                   skipped_steps=sum(bool(r.get("skipped")) for r in trajectory),
-                  test_accuracy=accuracy, test_examples=examples,
+                  test_accuracy=accuracy, test_accuracy_best=best_accuracy, test_examples=examples,
                   machine=_machine())
     _save(path, record)
     return "done"
@@ -371,7 +382,10 @@ class Row:
     diverged: int
 
     def stat(self, key: str) -> tuple[float, float]:
-        values = [r[key] for r in self.runs]
+        """Mean and std over the seeds (nan, nan where no run has the figure: older result files)."""
+        values = [r[key] for r in self.runs if key in r]
+        if not values:
+            return math.nan, math.nan
         mean = sum(values) / len(values)
         std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else math.nan
         return mean, std
@@ -389,21 +403,25 @@ def rows(root: Path) -> list[Row]:
 
 
 def _pm(mean: float, std: float, scale: float = 100.0) -> str:
+    if mean != mean:
+        return "—"
     return f"{mean * scale:.1f} ± {std * scale:.1f}" if std == std else f"{mean * scale:.1f}"
 
 
 def table(found: list[Row]) -> str:
-    lines = ["| setting | axis | changes | seeds | steps | dev accuracy (final) | test accuracy | wall time (min) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| setting | axis | changes | seeds | steps | dev accuracy (final) | test accuracy (final) | "
+             "test accuracy (best/: the best dev step's) | wall time (min) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in found:
         changes = row.setting.changes
         seeds = f"{len(row.runs)}" + (f" (+{row.diverged} diverged)" if row.diverged else "")
         if not row.runs:
-            lines.append(f"| {row.setting.name} | {row.setting.axis} | {changes} | {seeds} | — | — | — | — |")
+            lines.append(f"| {row.setting.name} | {row.setting.axis} | {changes} | {seeds} | — | — | — | — | — |")
             continue
         wall = row.stat("wall_s")
         lines.append(f"| {row.setting.name} | {row.setting.axis} | {changes} | {seeds} | {row.runs[0]['steps']} | "
                      f"{_pm(*row.stat('dev_final'))} | {_pm(*row.stat('test_accuracy'))} | "
+                     f"{_pm(*row.stat('test_accuracy_best'))} | "
                      f"{_pm(*wall, scale=1 / 60)} |")
     return "\n".join(lines)
 

@@ -62,7 +62,8 @@ def test_bf16_settings_are_skipped_without_native_bf16(tmp_path, monkeypatch):
 
 def test_report_table_is_mean_and_std_over_seeds_sorted_by_dev(tmp_path):
     for seed, (test, dev, wall) in enumerate([(0.80, 0.70, 600.0), (0.84, 0.74, 660.0), (0.88, 0.78, 720.0)]):
-        _result(tmp_path, "cosine", seed, test_accuracy=test, dev_final=dev, wall_s=wall)
+        _result(tmp_path, "cosine", seed, test_accuracy=test, test_accuracy_best=test + 0.01, dev_final=dev,
+                wall_s=wall)
     _result(tmp_path, "base", 0, test_accuracy=0.9, dev_final=0.6, wall_s=300.0)
     _result(tmp_path, "base", 1, status="diverged")
     found = study.rows(tmp_path)
@@ -71,8 +72,9 @@ def test_report_table_is_mean_and_std_over_seeds_sorted_by_dev(tmp_path):
     assert mean == pytest.approx(0.84) and std == pytest.approx(0.04)  # sample std over the 3 seeds
     assert math.isnan(found[1].stat("test_accuracy")[1])
     text = study.table(found)
-    assert "| cosine | schedule | lr_schedule=cosine | 3 | 300 | 74.0 ± 4.0 | 84.0 ± 4.0 | 11.0 ± 1.0 |" in text
-    assert "| base | defaults | — | 1 (+1 diverged) | 300 | 60.0 | 90.0 | 5.0 |" in text
+    assert "| cosine | schedule | lr_schedule=cosine | 3 | 300 | 74.0 ± 4.0 | 84.0 ± 4.0 | 85.0 ± 4.0 | 11.0 ± 1.0 |" in text
+    # a result file older than the best/ figure shows none for it
+    assert "| base | defaults | — | 1 (+1 diverged) | 300 | 60.0 | 90.0 | — | 5.0 |" in text
     result = CliRunner().invoke(study.main, ["report", "--root", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "table.md").read_text().strip() == text and (tmp_path / "study.png").stat().st_size > 10_000
