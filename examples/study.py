@@ -39,6 +39,8 @@ from typing import Any, Iterable, Sequence
 
 import click
 
+from mezo_vllm.platform_policy import native_bf16
+
 ROOT = Path("runs/study")
 SEEDS = (0, 1, 2)
 BASE = dict(task="sst2", steps=300, eval_every=25, save_every=50)
@@ -106,16 +108,6 @@ GRID: tuple[Setting, ...] = (
                                                            lr=1e-2, steps=480, eval_every=40, save_every=80)),
 )
 BY_NAME = {s.name: s for s in GRID}
-
-
-def native_bf16() -> tuple[bool, str]:
-    """Whether this CPU multiplies bf16 natively, and what was seen (the /proc/cpuinfo flags)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False, "no /proc/cpuinfo to read the CPU's flags from"
-    found = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    return bool(found), ", ".join(found) or "neither avx512_bf16 nor amx_bf16 in /proc/cpuinfo"
 
 
 def run_name(setting: Setting, seed: int) -> str:

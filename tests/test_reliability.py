@@ -327,7 +327,7 @@ def test_a_bug_outside_the_engine_is_not_called_an_engine_fault(tmp_path, tokeni
 
 def _real_cfg(tmp_path: Path, name: str) -> TuneConfig:
     return TuneConfig(out=str(tmp_path / name), task="sst2", steps=8, batch_size=4, lr=5e-3, eval_every=0,
-                      eval_examples=4, save_every=3)
+                      eval_examples=4, save_every=3, dtype="float32")
 
 
 def _same_run(a: Path, b: Path) -> None:
@@ -393,8 +393,9 @@ def test_vllm_generate_dying_mid_run_then_resume_is_exact(tmp_path, engine_fp32,
 # --------------------------------------------------------------------------- the real CLI: SIGINT, SIGKILL, resume
 
 CLI_STEPS = 16
+# fp32 as the in-process engine it is compared with (auto is bf16 on a CPU with AMX)
 _CLI_ARGS = ["--task", "sst2", "--steps", str(CLI_STEPS), "--batch-size", "4", "--lr", "5e-3",
-             "--eval-every", "4", "--eval-examples", "4", "--save-every", "4"]
+             "--eval-every", "4", "--eval-examples", "4", "--save-every", "4", "--dtype", "float32"]
 
 
 def _lines(path: Path) -> int:
@@ -430,7 +431,7 @@ def test_cli_ctrl_c_then_sigkill_then_resume_equals_an_uninterrupted_run(tmp_pat
     trajectory is the same file."""
     whole = tmp_path / "whole"
     tune(TuneConfig(out=str(whole), task="sst2", steps=CLI_STEPS, batch_size=4, lr=5e-3, eval_every=4,
-                    eval_examples=4, save_every=4), engine=engine_fp32)
+                    eval_examples=4, save_every=4, dtype="float32"), engine=engine_fp32)
     run = tmp_path / "run"
 
     first = _start([*_CLI_ARGS, "--out", str(run)], tmp_path / "1.log")

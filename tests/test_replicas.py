@@ -119,7 +119,7 @@ def test_pipeline_parallelism_is_refused_on_cpu_in_one_line(tmp_path, monkeypatc
 
 def _run(tmp_path, name, engine, **overrides):
     settings = dict(out=str(tmp_path / name), task="sst2", steps=4, batch_size=8, lr=5e-3,
-                    lr_schedule="constant", eval_every=0, eval_examples=12, save_every=2)
+                    lr_schedule="constant", eval_every=0, eval_examples=12, save_every=2, dtype="float32")
     cfg = TuneConfig(**{**settings, **overrides})
     summary = tune(cfg, engine=engine)
     return tmp_path / name, summary
@@ -160,7 +160,7 @@ def test_tensor_parallel_engine_same_trajectory_as_one_worker(tmp_path, one_engi
     out = tmp_path / "tp3"
     flags = {"--task": "sst2", "--steps": 4, "--batch-size": 8, "--lr": 5e-3, "--lr-schedule": "constant",
              "--eval-every": 0, "--eval-examples": 12, "--save-every": 2, "--tensor-parallel-size": 3,
-             "--out": out}
+             "--dtype": "float32", "--out": out}
     cli = Path(sys.executable).parent / "mezo-vllm"
     command = [str(cli), "tune", *(str(x) for kv in flags.items() for x in kv)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)

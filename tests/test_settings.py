@@ -46,6 +46,8 @@ TUNE = {
     "--report-to": ("none", ("none", "tensorboard")),
     # added for issue 12 (defaults keep earlier runs' behaviour)
     "--warmup-steps": (0, "integer"), "--sparsity": (0.0, "float"), "--train-only": (None, ("B",)),
+    # added for issue 11 (vLLM's CPU compilation kept on with LoRA; off: the eager engine of before)
+    "--compile": (False, "boolean"),
 }
 VALIDATE = {
     "--task": (None, "text"), "--data": (None, "path"), "--model": (None, "text"), "--adapter": (None, "path"),
@@ -53,11 +55,13 @@ VALIDATE = {
     "--alpha": (16.0, "float"), "--loss-examples": (32, "integer"), "--batch-size": (16, "integer"), "--seeds": (5, "integer"),
     "--vllm-directions": (100, "integer"), "--max-length": (1024, "integer"),
     "--trust-remote-code": (False, "boolean"),
+    "--verbose": (False, "boolean"),  # added since: vLLM's output goes to OUT/engine.log unless given
 }
 EVAL = {
     "--adapter": (None, "path"), "--task": (None, "text"), "--split": ("test", ("dev", "test")),
     "--data": (None, "path"), "--model": (None, "text"), "--dtype": ("auto", ("float32", "bfloat16", "float16", "auto")),
     "--max-length": (1024, "integer"), "--trust-remote-code": (False, "boolean"),
+    "--verbose": (False, "boolean"),  # added since: vLLM's output goes to a log file unless given
 }
 ALIASES = {
     "--output_dir": "--out", "--learning_rate": "--lr", "--max_steps": "--steps", "--lora_r": "--rank",
@@ -116,14 +120,14 @@ def test_aliases_are_listed_in_help():
 
 def test_saved_config_keys_are_unchanged():
     """A run's config.json from before resumes: no field was renamed or dropped, and the ones added
-    since (warmup_steps, sparsity, train_only) default to what runs did before them."""
+    since (warmup_steps, sparsity, train_only, compile) default to what runs did before them."""
     assert {f.name for f in fields(TuneConfig)} == {
         "out", "model", "task", "data", "eval_data", "eval_split", "targets", "rank", "alpha", "lr", "lr_schedule", "eps",
         "batch_size", "steps", "directions", "seed", "weight_decay", "estimator", "momentum", "momentum_window",
         "lozo_rank", "lozo_period", "objective", "dtype", "eval_every", "save_every", "max_length", "overflow",
         "eval_examples", "fast", "engine", "replicas", "ray_address", "tensor_parallel_size",
         "pipeline_parallel_size", "trust_remote_code",
-        "init_adapter", "save_total_limit", "report_to", "warmup_steps", "sparsity", "train_only"}  # added since: a config.json without them resumes
+        "init_adapter", "save_total_limit", "report_to", "warmup_steps", "sparsity", "train_only", "compile"}  # added since: a config.json without them resumes
 
 
 def test_validate_shares_the_model_settings_with_tune():
@@ -259,7 +263,7 @@ def test_resume_rules_are_the_clis_of_before():
     rules = {f.name: setting_of(f).on_resume for f in fields(TuneConfig)}
     assert {n for n, r in rules.items() if r is OnResume.MAY_CHANGE} == {
         "steps", "replicas", "ray_address", "tensor_parallel_size", "pipeline_parallel_size",
-        "save_total_limit", "report_to"}
+        "save_total_limit", "report_to", "compile"}  # compile changes speed, not a number beyond 3.4e-6
     assert {n for n, r in rules.items() if r is OnResume.ASK_AGAIN} == {"trust_remote_code"}
 
 
@@ -270,7 +274,7 @@ def test_resumed_config():
                                  "trust_remote_code": True}) == \
         TuneConfig(out="run", task="sst2", steps=80, ray_address="ray://h:1", trust_remote_code=True)
     with pytest.raises(ConfigError, match=r"^--lr 0.5: the run in run was started with lr=0.002; .*"
-                                          r"\(only --steps, --save-total-limit, --report-to, --replicas, "
+                                          r"\(only --steps, --save-total-limit, --report-to, --compile, --replicas, "
                                           r"--ray-address, --tensor-parallel-size, "
                                           r"--pipeline-parallel-size and --trust-remote-code may change\)$"):
         saved.resumed("run", {"lr": 0.5})
