@@ -103,3 +103,28 @@ def test_a_result_file_older_than_a_setting_reads_it_as_its_default(tmp_path):
     path.write_text(json.dumps(record))
     with pytest.raises(Exception, match=r"was run with other settings \(seed\)"):
         study._pending([study.BY_NAME["base"]], [0], tmp_path, None)
+
+
+# --------------------------------------------------------------------------- the recipes it chose
+
+RECIPES = {"sst2.yaml": "bf16-10min-n4"}  # recipes/ file → the study setting it ships
+
+
+def test_each_recipe_is_the_study_setting_that_chose_it():
+    """recipes/ holds only settings the study measured: a recipe edited by hand (or a study
+    setting changed after its recipe shipped) fails here. The recipe leaves dtype to auto, which
+    is the study's bf16 on the CPUs it ran on."""
+    from mezo_vllm.config import TuneConfig
+    from mezo_vllm.recipe import read_recipe
+
+    folder = Path(__file__).parent.parent / "recipes"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(RECIPES)
+    for name, setting in RECIPES.items():
+        values = read_recipe(str(folder / name))
+        assert "dtype" not in values
+        recipe = TuneConfig(out="x", **values)
+        recipe.validate()
+        measured = study.config(study.BY_NAME[setting], 0, Path("x"))
+        assert measured.dtype == "bfloat16"
+        differ = {k for k, v in study._as_saved(recipe).items() if study._as_saved(measured)[k] != v}
+        assert differ == {"out", "dtype"}, differ
