@@ -96,7 +96,7 @@ GRID: tuple[Setting, ...] = (
     Setting("fzoo-n4-lr-1e-2", "update rule", _fzoo(4, 1e-2)),
     Setting("fzoo-n8-lr-1e-2", "update rule", _fzoo(8, 1e-2)),
     *(Setting(f"bf16-eps-{e}", "engine dtype", dict(dtype="bfloat16", eps=float(e))) for e in ("1e-2", "3e-2", "1e-1")),
-    # What a 10-minute budget buys where bf16 is native (AMX: a bf16 step is ~3.5x cheaper than
+    # What a 10-minute budget buys where bf16 is native (AMX: bf16 scores ~2.6x the tokens/s of
     # fp32): as many forward passes as fit in ~8.5 minutes of training, for the three ways of
     # spending them (one direction, n directions, FZOO). lr 1e-3 for one direction: 2e-3 diverges
     # in long bf16 runs (docs/quality.md).
