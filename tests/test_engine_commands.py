@@ -76,7 +76,8 @@ def test_eval_prints_the_metric_without_and_with_the_adapter(tmp_path, monkeypat
     random_adapter.save(tmp_path / "adapter", base_model=model_dir)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    result = CliRunner().invoke(main, ["eval", "--adapter", str(tmp_path / "adapter"), "--data", str(data)])
+    result = CliRunner().invoke(main, ["eval", "--adapter", str(tmp_path / "adapter"), "--data", str(data),
+                                       "--dtype", "float32"])  # the shared engine's (auto is bf16 with AMX)
     assert result.exit_code == 0, result.output
     # vLLM's and torch's output goes to a log of its own, as tune's goes to RUN/engine.log
     [log] = (tmp_path / "tmp").glob("mezo-vllm-eval-*.log")
