@@ -122,9 +122,13 @@ def check_dtype(platform: str, dtype: str) -> None:
         raise ConfigError(f"--dtype {dtype} is not offered on {platform}: {policy.why_not}")
 
 
-def engine_dtype(dtype: str) -> str:
-    """The dtype a vLLM engine of the installed build runs: "auto" resolved to the platform's
-    default, anything else checked (pre-flight)."""
+def engine_dtype(dtype: str, engine: str = "vllm") -> str:
+    """The dtype a run's engine runs: for vLLM, "auto" resolved for the installed build and
+    anything else checked (pre-flight); the reference engine (transformers, the oracle) takes
+    auto as float32. Pre-flight records it, `start_engine` starts with it: never vLLM's own
+    "auto", the checkpoint's dtype (bf16 for SmolLM2)."""
+    if engine == "reference":
+        return "float32" if dtype == "auto" else dtype
     platform = installed_platform()
     resolved = auto_dtype(platform) if dtype == "auto" else dtype
     check_dtype(platform, resolved)

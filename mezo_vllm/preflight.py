@@ -153,8 +153,7 @@ def prepare(cfg: TuneConfig, resume: bool = False, overwrite: bool = False,
     in-memory data given to `tune`."""
     cfg.validate()
     # the run records the dtype it ran with ("auto" resolved for the installed vLLM)
-    cfg = replace(cfg, dtype=engine_dtype(cfg.dtype) if cfg.engine == "vllm" else
-                  "float32" if cfg.dtype == "auto" else cfg.dtype)
+    cfg = replace(cfg, dtype=engine_dtype(cfg.dtype, cfg.engine))
     if cfg.engine == "vllm":
         patches.check_installed(cfg.fast)
         check_pipeline_parallel(cfg.pipeline_parallel_size, installed_platform())

@@ -202,18 +202,18 @@ def batch_examples(run_seed: int, step: int, examples: Sequence[int], size: int)
 
 def start_engine(cfg: TuneConfig, model_dir: str, adapter: LoraAdapter) -> ScoringEngine:
     """The engine a run's settings ask for, holding `adapter` as its master copy. "auto" is
-    resolved here too, not only in pre-flight: vLLM's own "auto" is the checkpoint's dtype (bf16
-    for SmolLM2), which a CPU without native bf16 emulates ~9x slower than fp32."""
+    resolved here too, not only in pre-flight: a caller may start an engine without it."""
+    from .platform_policy import engine_dtype
+
+    dtype = engine_dtype(cfg.dtype, cfg.engine)
     if cfg.engine == "reference":
         from .reference import ReferenceEngine
 
-        return ReferenceEngine(model_dir, adapter, dtype="float32" if cfg.dtype == "auto" else cfg.dtype,
-                               max_model_len=cfg.max_length,
+        return ReferenceEngine(model_dir, adapter, dtype=dtype, max_model_len=cfg.max_length,
                                trust_remote_code=cfg.trust_remote_code)
     from .engine import EngineConfig, VllmEngine
-    from .platform_policy import engine_dtype
 
-    config = EngineConfig(model=model_dir, dtype=engine_dtype(cfg.dtype), max_model_len=cfg.max_length,
+    config = EngineConfig(model=model_dir, dtype=dtype, max_model_len=cfg.max_length,
                           n_variants=2 * cfg.directions, seed=cfg.seed, fast=cfg.fast, compile=cfg.compile,
                           trust_remote_code=cfg.trust_remote_code,
                           tensor_parallel_size=cfg.tensor_parallel_size,

