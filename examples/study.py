@@ -3,8 +3,10 @@
     python examples/study.py run [--setting GLOB ...] [--seeds 0,1,2]
     python examples/study.py list                 # the grid, and which runs are done
     python examples/study.py report               # table (mean ± std over seeds) and plot
+    python examples/study.py templates            # zero-shot accuracy of SST-2 prompt templates
 
-Each setting changes one thing from `mezo-vllm tune`'s defaults (SST-2, fp32, lr 2e-3 linear,
+Each setting changes one thing from `mezo-vllm tune`'s former defaults (SST-2 in MeZO's template,
+task `sst2-mezo`, fp32, lr 2e-3 linear,
 ε 1e-2, batch 16, LoRA r8 on q/v, ZO-SGD, 300 steps): the axes are ε, lr, schedule (constant,
 linear, cosine, warmup), n directions with lr scaled with n, rank 1 vs 8, q/v vs all-linear, B
 only, sparse perturbations, batch size, and the update rules (momentum, LOZO, FZOO). Settings
@@ -43,7 +45,7 @@ from mezo_vllm.platform_policy import native_bf16
 
 ROOT = Path("runs/study")
 SEEDS = (0, 1, 2)
-BASE = dict(task="sst2", dtype="float32", steps=300, eval_every=25, save_every=50)  # fp32: as auto was on every CPU
+BASE = dict(task="sst2-mezo", dtype="float32", steps=300, eval_every=25, save_every=50)  # fp32: as auto was on every CPU
 LR = 2e-3  # the default's
 
 
@@ -106,6 +108,14 @@ GRID: tuple[Setting, ...] = (
                                                       eval_every=25)),
     Setting("bf16-10min-fzoo-n4", "10-minute budget", dict(dtype="bfloat16", estimator="fzoo", directions=4,
                                                            lr=1e-2, steps=480, eval_every=40, save_every=80)),
+    # The prompt: SST-2 in the template of `templates` with the best zero-shot accuracy on train
+    # and dev (the task `sst2`), with the library's defaults (bf16: auto on AMX) and with the best
+    # 10-minute setting above.
+    Setting("bf16-review", "prompt template", dict(task="sst2", dtype="bfloat16")),
+    Setting("bf16-10min-n4-review", "prompt template", dict(task="sst2", dtype="bfloat16", directions=4, lr=4e-3,
+                                                            steps=300, eval_every=25)),
+    Setting("bf16-10min-n4-review-450", "prompt template", dict(task="sst2", dtype="bfloat16", directions=4,
+                                                                lr=4e-3, steps=450, eval_every=25)),
 )
 BY_NAME = {s.name: s for s in GRID}
 
@@ -362,7 +372,62 @@ def list_(root: Path) -> None:
     for s in GRID:
         records = _records(root, s)
         done = sum(r.get("status") in ("done", "diverged") for r in records)
-        click.echo(f"{s.name:22} {s.axis:17} {done} done  {s.changes}")
+        click.echo(f"{s.name:26} {s.axis:17} {done} done  {s.changes}")
+
+
+# --------------------------------------------------------------------------- templates
+
+TEMPLATES: dict[str, tuple[str, tuple[str, str]]] = {  # name → (prompt with {s}, (negative, positive))
+    "mezo (task sst2-mezo)": ("{s} It was", (" terrible", " great")),
+    "mezo, bad/good": ("{s} It was", (" bad", " good")),
+    "review": ("Review: {s}\nSentiment:", (" negative", " positive")),
+    "review, bad/good": ("Review: {s}\nSentiment:", (" bad", " good")),
+    "movie review (task sst2)": ("Movie review: {s}\nSentiment:", (" negative", " positive")),
+    "sentence": ("{s}\nSentiment:", (" negative", " positive")),
+    "the movie was": ("Movie review: {s}\nThe movie was", (" bad", " good")),
+    "overall": ("Review: {s}\nOverall, the review is", (" negative", " positive")),
+    "question": ("Question: Is the following movie review positive or negative?\n{s}\nAnswer:",
+                 (" negative", " positive")),
+}
+
+
+@main.command()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("docs/study/templates.json"),
+              show_default=True)
+def templates(out: Path) -> None:
+    """Zero-shot accuracy of SST-2 prompt templates on the train and dev splits (seed 0), never
+    on test: the prompt is a choice like the others. Transformers, fp32, the embedded model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mezo_vllm.data import load_task
+    from mezo_vllm.model import resolve_model
+
+    model_dir = str(resolve_model(None))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    splits = load_task("sst2-mezo", 0)
+    reviews = [(e.prompt.removesuffix(" It was"), e.label) for e in splits.train.examples + splits.dev.examples]
+    results = {}
+    for name, (template, targets) in TEMPLATES.items():
+        ids = [tokenizer(t, add_special_tokens=False).input_ids for t in targets]
+        if any(len(i) != 1 for i in ids):
+            raise click.ClickException(f"{name}: an option of more than one token ({ids})")
+        correct = positive = 0
+        for b in range(0, len(reviews), 32):
+            batch = reviews[b:b + 32]
+            enc = tokenizer([template.format(s=s) for s, _ in batch], return_tensors="pt", padding=True)
+            with torch.no_grad():
+                margin = model(**enc).logits[:, -1, [i[0] for i in ids]].diff(dim=-1)[:, 0]
+            correct += sum(int(m > 0) == y for m, (_, y) in zip(margin.tolist(), batch))
+            positive += int((margin > 0).sum())
+        results[name] = dict(template=template, targets=list(targets), accuracy=correct / len(reviews),
+                             answers_positive=positive / len(reviews), examples=len(reviews))
+        click.echo(f"{name:26} zero-shot accuracy {correct / len(reviews):.3f}, "
+                   f"answers positive {positive / len(reviews):.2f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save(out, results)
+    click.echo(f"wrote {out}")
 
 
 # --------------------------------------------------------------------------- report

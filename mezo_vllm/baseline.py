@@ -6,7 +6,7 @@ whole batch, perturb by −2εz, a second forward pass, restore, update θ ← �
 forward pass is batched (left padding, so every sequence ends at the last position), feeds each
 request without its last token (whose logits predict nothing scored), and computes the lm_head
 on the target rows only (`logits_to_keep`); options that differ in their last token come from one
-sequence (SST-2's " terrible"/" great" from the prompt's last position). The loss is the
+sequence (SST-2's " negative"/" positive" from the prompt's last position). The loss is the
 trainer's (`objective.batch_loss`), on the same batches.
 
 It starts from the engine's initial adapter and draws the engine's z (`adapter.noise`, by seed

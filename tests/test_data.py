@@ -189,6 +189,7 @@ def test_unreadable_file(tmp_path):
 # name → (rows, kind, (train, dev, test) for seed 0): the table of the data module's docstring.
 _TASK_SIZES = {
     "sst2": (872, CLASSIFICATION, (500, 100, 272)),
+    "sst2-mezo": (872, CLASSIFICATION, (500, 100, 272)),
     "rte": (277, CLASSIFICATION, (150, 50, 77)),
     "cb": (56, CLASSIFICATION, (32, 8, 16)),
     "copa": (100, CLASSIFICATION, (50, 10, 40)),
@@ -230,8 +231,9 @@ def _find(name: str, prompt: str) -> Example:
 
 def test_builtin_tasks_are_listed():
     assert builtin_tasks() == list(_TASK_SIZES)
-    assert "'{sentence} It was'" in task_template("sst2")
-    with pytest.raises(DataError, match=r"^nope: task: unknown task; known: sst2, rte, cb, copa"):
+    assert "'Movie review: {sentence}\\nSentiment:'" in task_template("sst2")
+    assert "'{sentence} It was'" in task_template("sst2-mezo")
+    with pytest.raises(DataError, match=r"^nope: task: unknown task; known: sst2, sst2-mezo, rte, cb, copa"):
         task_template("nope")
 
 
@@ -303,15 +305,29 @@ def test_split_deals_whole_groups_in_a_seeded_order():
     assert sorted(len(cut) for cut in _split(5, None, (2, 1), 0)) == [1, 2, 2]
 
 
-def test_sst2_template_and_labels():
-    examples = _all(_splits("sst2"))
+@pytest.mark.parametrize("task, prompt, targets", [
+    ("sst2", "Movie review: {}\nSentiment:", (" negative", " positive")),
+    ("sst2-mezo", "{} It was", (" terrible", " great")),
+])
+def test_sst2_templates_and_labels(task, prompt, targets):
+    examples = _all(_splits(task))
     by_prompt = {e.prompt: e for e in examples}
     # Rows 0 and 1 of the packaged file: label 1 (positive) and 0 (negative).
-    positive = by_prompt["it 's a charming and often affecting journey . It was"]
-    negative = by_prompt["unflinchingly bleak and desperate It was"]
-    assert positive.targets == negative.targets == (" terrible", " great")
+    positive = by_prompt[prompt.format("it 's a charming and often affecting journey .")]
+    negative = by_prompt[prompt.format("unflinchingly bleak and desperate")]
+    assert positive.targets == negative.targets == targets
     assert (positive.label, negative.label) == (1, 0)
-    assert all(e.prompt.endswith(" It was") and e.label in (0, 1) for e in examples)
+    head, tail = prompt.split("{}")
+    assert all(e.prompt.startswith(head) and e.prompt.endswith(tail) and e.label in (0, 1) for e in examples)
+
+
+def test_the_sst2_templates_split_the_same_reviews():
+    """Only the prompt differs: a study of templates compares like with like."""
+    for split in ("train", "dev", "test"):
+        ours, mezo = (getattr(load_task(t, 3), split).examples for t in ("sst2", "sst2-mezo"))
+        assert [e.label for e in ours] == [e.label for e in mezo]
+        assert [e.prompt.removeprefix("Movie review: ").removesuffix("\nSentiment:") for e in ours] == \
+            [e.prompt.removesuffix(" It was") for e in mezo]
 
 
 def test_rte_template_and_labels():
@@ -403,7 +419,7 @@ def test_drop_template_answers_and_merged_duplicates():
 
 
 def test_unknown_task_lists_known_ones():
-    with pytest.raises(DataError, match=r"^nope: task: .*known: sst2, rte, cb, copa, boolq"):
+    with pytest.raises(DataError, match=r"^nope: task: .*known: sst2, sst2-mezo, rte, cb, copa, boolq"):
         load_task("nope")
 
 

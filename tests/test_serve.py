@@ -37,7 +37,7 @@ KEY = "test-key-not-a-secret"
 MAX_LEN = 256  # the run's --max-length, which the server must take as its max_model_len
 START_TIMEOUT = 300
 TOL = 1e-4  # fp32 server vs fp32 PEFT, per token
-PROMPTS = [  # SST-2's template, "<sentence> It was" + option, and an unrelated text
+PROMPTS = [  # SST-2 in MeZO's template (task sst2-mezo), "<sentence> It was" + option, and an unrelated text
     "a gorgeous, witty, seductive movie. It was great",
     "a gorgeous, witty, seductive movie. It was terrible",
     "the plot is lifeless and the acting is worse. It was",

@@ -107,7 +107,7 @@ def test_a_result_file_older_than_a_setting_reads_it_as_its_default(tmp_path):
 
 # --------------------------------------------------------------------------- the recipes it chose
 
-RECIPES = {"sst2.yaml": "bf16-10min-n4"}  # recipes/ file → the study setting it ships
+RECIPES = {"sst2.yaml": "bf16-10min-n4-review"}  # recipes/ file → the study setting it ships
 
 
 def test_each_recipe_is_the_study_setting_that_chose_it():
@@ -128,3 +128,21 @@ def test_each_recipe_is_the_study_setting_that_chose_it():
         assert measured.dtype == "bfloat16"
         differ = {k for k, v in study._as_saved(recipe).items() if study._as_saved(measured)[k] != v}
         assert differ == {"out", "dtype"}, differ
+
+
+def test_sst2s_template_is_the_best_one_the_study_measured():
+    """The task `sst2` prompts as the template with the best zero-shot accuracy in the committed
+    `study.py templates` results (train and dev only), and `sst2-mezo` as MeZO's."""
+    from mezo_vllm.data import load_task
+
+    measured = json.loads((Path(__file__).parent.parent / "docs" / "study" / "templates.json").read_text())
+    assert set(measured) == set(study.TEMPLATES)
+    best = max(measured, key=lambda name: measured[name]["accuracy"])
+    mezo = next(name for name in measured if "sst2-mezo" in name)
+    assert measured[best]["accuracy"] > measured[mezo]["accuracy"] + 0.2
+    reviews = [e.prompt.removesuffix(" It was") for e in load_task("sst2-mezo").train.examples[:20]]
+    for task, name in (("sst2", best), ("sst2-mezo", mezo)):
+        template, targets = study.TEMPLATES[name]
+        examples = load_task(task).train.examples[:20]
+        assert [e.prompt for e in examples] == [template.format(s=r) for r in reviews]
+        assert all(e.targets == targets for e in examples)

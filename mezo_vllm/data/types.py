@@ -85,7 +85,7 @@ class Request:
 
     The span spells option `target` of the example. `alternatives` lets one request score
     several options when they differ only in their last token (every single-token verbalizer:
-    SST-2's " terrible"/" great", " Yes"/" No"): each (option, token id) is scored at the
+    SST-2's " negative"/" positive", " Yes"/" No"): each (option, token id) is scored at the
     span's last row in place of `token_ids[-1]`, so the options share one forward pass of
     the context instead of repeating it. The result of a request is a [n_targets, columns]
     matrix of log-probs, `candidates`, whose column c sums to the log-prob of option

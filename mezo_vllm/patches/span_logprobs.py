@@ -19,7 +19,7 @@ may run to the prompt's *last* position, whose logits upstream computes only for
 the caller sends a span without its last token (that token is never needed as input, only as
 a candidate), so a request of n target tokens costs n-1 prompt tokens fewer than a prompt
 that spells the whole span; and several ids per row let one request score several options
-that differ in their last token (SST-2's " terrible"/" great" from one forward pass).
+that differ in their last token (SST-2's " negative"/" positive" from one forward pass).
 
 After each model step, the wrapped `_get_prompt_logprobs_dict` collects, for every scheduled
 request with a span, the span rows that this step computed (with chunked prefill a prompt spans

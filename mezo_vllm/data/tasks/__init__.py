@@ -2,11 +2,12 @@
 
 Only labelled validation splits ship offline (`source.py`), so each task's train/dev/test
 splits are carved from one by a seeded shuffle, with the prompt templates of MeZO's
-`large_models/templates.py`. Sizes for the default seed 0:
+`large_models/templates.py` (SST-2's: see `glue.py`). Sizes for the default seed 0:
 
 | task  | source (validation split)            | kind           | rows  | train | dev | test  |
 |-------|--------------------------------------|----------------|-------|-------|-----|-------|
 | sst2  | GLUE SST-2                           | classification | 872   | 500   | 100 | 272   |
+| sst2-mezo | the same, MeZO's template        | classification | 872   | 500   | 100 | 272   |
 | rte   | GLUE RTE                             | classification | 277   | 150   | 50  | 77    |
 | cb    | SuperGLUE CB                         | classification | 56    | 32    | 8   | 16    |
 | copa  | SuperGLUE COPA                       | classification | 100   | 50    | 10  | 40    |
