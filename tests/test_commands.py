@@ -73,7 +73,7 @@ def test_tasks_lists_the_readme_table():
     assert result.exit_code == 0, result.output
     printed = {}
     for line in result.output.splitlines():
-        m = re.match(r"(\w+): (\w+), train (\d+) / dev (\d+) / test (\d+); ", line)
+        m = re.match(r"([\w-]+): (\w+), train (\d+) / dev (\d+) / test (\d+); ", line)
         assert m, line
         printed[m.group(1)] = (m.group(2), *map(int, m.group(3, 4, 5)))
     table = {}
