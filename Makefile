@@ -1,5 +1,5 @@
 # Every target first runs scripts/setup.sh (a no-op when .venv is up to date), then runs in .venv.
-#   make tune  ARGS="..."          extra flags for `mezo-vllm tune` (after recipes/sst2.yaml: they override it)
+#   make tune  ARGS="..."          extra flags for `mezo-vllm tune --task sst2` (its defaults are the study's choice)
 #   make test  PYTEST_ARGS="..."   extra flags for pytest
 #   make bench ARGS="..."          extra flags for `mezo-vllm bench`
 VENV ?= .venv
@@ -12,7 +12,7 @@ setup:
 	MEZO_VENV=$(VENV) scripts/setup.sh
 
 tune: setup
-	$(VENV)/bin/mezo-vllm tune --config recipes/sst2.yaml --out runs/sst2-default $(ARGS)
+	$(VENV)/bin/mezo-vllm tune --task sst2 --out runs/sst2-default $(ARGS)
 
 test: setup
 	$(VENV)/bin/python -m pytest -q --durations=20 $(PYTEST_ARGS)

@@ -36,7 +36,7 @@ TASKS = ("sst2", "rte", "cb", "copa", "boolq", "squad", "drop")
 # random sample; capped so that 3 methods × 7 tasks fit in the CPU budget.
 TEST_CAP = {"squad": 150, "drop": 150}  # generation is the slowest to score
 DEFAULT_TEST_CAP = 300
-COMMON = dict(dtype="bfloat16", lr=2e-3, lr_schedule="linear", eps=1e-2, batch_size=16,
+COMMON = dict(dtype="bfloat16", directions=1, lr=2e-3, lr_schedule="linear", eps=1e-2, batch_size=16,
               targets=("q_proj", "v_proj"), rank=8, alpha=16.0)
 # lr 2e-3 decayed over a few hundred steps is stable (docs/results.md, "Choosing the defaults"); held
 # for longer it diverges on SST-2 (|g| 1.4 → 25 by step 550 of 3000), so the long run uses 1e-3.
@@ -198,8 +198,9 @@ def _column_sums(body: Any, lm_head: Any, requests: Sequence[Any]) -> Any:
 @main.command("first-order")
 @click.option("--task", type=click.Choice(TASKS), required=True)
 @click.option("--steps", type=int, help="override the task's step budget (e.g. a quick check)")
-@click.option("--out", "name", default=None, help="result name (default: TASK-first-order)")
-def first_order(task: str, steps: int | None, name: str | None) -> None:
+@click.option("--out", "name", default=None, help="result name (default: TASK-first-order, -sSEED for seed ≠ 0)")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of the adapter's init and the batches")
+def first_order(task: str, steps: int | None, name: str | None, seed: int) -> None:
     """LoRA with Adam and backprop (transformers + PEFT), same adapter shape and objective."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -213,9 +214,9 @@ def first_order(task: str, steps: int | None, name: str | None) -> None:
 
     budget, batch = FO[task]
     steps = steps or budget
-    name = name or f"{task}-first-order"
+    name = name or f"{task}-first-order" + (f"-s{seed}" if seed else "")
     model_dir = str(resolve_model(None).resolve())
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=COMMON["rank"], lora_alpha=COMMON["alpha"], lora_dropout=0.0,
@@ -244,7 +245,7 @@ def first_order(task: str, steps: int | None, name: str | None) -> None:
     t0 = time.perf_counter()
     dev_metric(0)
     for step in range(steps):
-        requests = train.requests_of(batch_examples(0, step, examples, batch))
+        requests = train.requests_of(batch_examples(seed, step, examples, batch))
         loss = batch_loss(train.dataset.examples, train.dataset.kind, requests,
                           _column_sums(body, lm_head, requests))
         optimizer.zero_grad()
@@ -256,26 +257,28 @@ def first_order(task: str, steps: int | None, name: str | None) -> None:
     train_s = time.perf_counter() - t0
     folder = OUT / name
     model.save_pretrained(str(folder / "adapter"))
-    _save(name, {"steps": steps, "batch_size": batch, "lr": FO_LR, "train_s": train_s,
-                                  "peak_rss_gib": _peak_rss_gib(), "curve": curve,
-                                  "command": f"python examples/quality.py first-order --task {task}"})
+    _save(name, {"steps": steps, "batch_size": batch, "lr": FO_LR, "seed": seed, "train_s": train_s,
+                 "peak_rss_gib": _peak_rss_gib(), "curve": curve,
+                 "command": f"python examples/quality.py first-order --task {task} --seed {seed}"})
     click.echo(f"{task}: first-order LoRA {steps} steps in {train_s:.0f} s, peak RSS {_peak_rss_gib():.2f} GiB")
 
 
 @main.command("eval-first-order")
 @click.option("--task", "tasks", multiple=True, type=click.Choice(TASKS), default=TASKS)
 def eval_first_order(tasks: Sequence[str]) -> None:
-    """The first-order adapters on the test split, in the engine that scores the others."""
+    """The first-order adapters (every seed's) on the test split, in the engine that scores the others."""
     engine = _engine()
     for task in tasks:
-        record = _load(f"{task}-first-order")
-        if record is None:
+        names = sorted(p.stem for p in (OUT / "results").glob(f"{task}-first-order*.json"))
+        if not names:
             click.echo(f"{task}: no first-order run yet")
             continue
         split = _test_split(task, engine.tokenizer)
-        record["test"] = _score_adapter(engine, split, OUT / f"{task}-first-order" / "adapter")
-        _save(f"{task}-first-order", record)
-        click.echo(f"{task}: first-order LoRA {record['test']:.4f}")
+        for name in names:
+            record = _load(name)
+            record["test"] = _score_adapter(engine, split, OUT / name / "adapter")
+            _save(name, record)
+            click.echo(f"{name}: first-order LoRA {record['test']:.4f}")
 
 
 # --------------------------------------------------------------------------- report

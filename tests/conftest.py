@@ -32,11 +32,14 @@ def initial_adapter(model_dir: str) -> LoraAdapter:
 
 @pytest.fixture(scope="session")
 def engine_fp32(model_dir: str, initial_adapter: LoraAdapter):
-    """The shared fp32 engine with 2 variant slots. Tests that change its master adapter or
-    slots must not rely on what another test left there: load what they need first."""
+    """The shared fp32 engine with the 8 variant slots of `tune`'s default 4 directions. Tests
+    that change its master adapter or slots must not rely on what another test left there: load
+    what they need first."""
+    from mezo_vllm.config import TuneConfig
     from mezo_vllm.engine import EngineConfig, VllmEngine
 
-    return VllmEngine(EngineConfig(model=model_dir, dtype="float32"), initial_adapter)
+    slots = 2 * TuneConfig(out="").directions
+    return VllmEngine(EngineConfig(model=model_dir, dtype="float32", n_variants=slots), initial_adapter)
 
 
 @pytest.fixture(scope="session")

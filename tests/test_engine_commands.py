@@ -127,7 +127,7 @@ def test_validate_command_writes_its_report_and_passes(tmp_path, shared_engine):
 def test_the_reference_engine_reports_f1_on_a_generation_task(tmp_path, engine_fp32, initial_adapter, tokenizer):
     """`tune --engine reference --task squad`: the dev metrics have F1 and EM of its greedy
     answers, and at step 0 (B = 0) they are the vLLM engine's on the same examples."""
-    cfg = TuneConfig(out=str(tmp_path / "run"), task="squad", engine="reference", steps=2, batch_size=2,
+    cfg = TuneConfig(out=str(tmp_path / "run"), task="squad", engine="reference", steps=2, batch_size=2, directions=1,
                      eval_every=0, save_every=0, eval_examples=3)
     tune(cfg)
     metrics = dev_lines([json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()])
@@ -148,7 +148,7 @@ def test_the_reference_engine_reports_f1_on_a_generation_task(tmp_path, engine_f
 def test_lozo_on_the_real_engine_replays_exactly(tmp_path, engine_fp32, model_dir):
     """LOZO's low-rank directions, written into vLLM's slots and applied on its worker: the
     adapter is bitwise the trajectory's replay, and LOZO's steps are not ZO-SGD's."""
-    cfg = TuneConfig(out=str(tmp_path / "lozo"), task="sst2", steps=3, batch_size=4, estimator="lozo",
+    cfg = TuneConfig(out=str(tmp_path / "lozo"), task="sst2", steps=3, batch_size=4, directions=1, estimator="lozo",
                      lozo_rank=2, lozo_period=2, lr=1e-2, eval_every=0, save_every=0, eval_examples=4)
     tune(cfg, engine=engine_fp32)
     records = _records(tmp_path / "lozo")
@@ -156,7 +156,7 @@ def test_lozo_on_the_real_engine_replays_exactly(tmp_path, engine_fp32, model_di
     replay = _replay(records, cfg, model_dir).tensors
     assert all(torch.equal(final[k], v) for k, v in replay.items())
     assert isinstance(make_estimator("lozo").directions(0, [1])[0], LowRank)
-    dense = _replay(records, TuneConfig(out="x", task="sst2"), model_dir).tensors  # same g's, dense z
+    dense = _replay(records, TuneConfig(out="x", task="sst2", directions=1), model_dir).tensors  # same g's, dense z
     assert max(float((dense[k] - final[k]).abs().max()) for k in final) > 1e-4
     assert all(np.isfinite(r["g"]) and r["g"] != 0.0 for r in records)
 
@@ -190,12 +190,12 @@ def test_stock_and_patched_vllm_train_the_same_adapter(tmp_path, engine_fp32):
     patches are process-wide) and on the patched engine give adapters within 1e-5 (the README's
     20 steps of 16, here 4 steps of 8: stock vLLM scores slowly; fp32 sums in another order:
     1.9e-6 was measured on an AVX2 CPU, 3.1e-6 on an AVX-512 one)."""
-    flags = ["--task", "sst2", "--steps", "4", "--batch-size", "8", "--eval-every", "0", "--eval-examples", "10",
+    flags = ["--task", "sst2", "--steps", "4", "--batch-size", "8", "--directions", "1", "--eval-every", "0", "--eval-examples", "10",
              "--save-every", "0", "--dtype", "float32"]
     done = subprocess.run([*CLI, "tune", *flags, "--out", str(tmp_path / "stock"), "--stock-vllm"],
                           capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
-    tune(TuneConfig(out=str(tmp_path / "patched"), task="sst2", steps=4, batch_size=8, eval_every=0,
+    tune(TuneConfig(out=str(tmp_path / "patched"), task="sst2", steps=4, batch_size=8, directions=1, eval_every=0,
                     eval_examples=10, save_every=0, dtype="float32"), engine=engine_fp32)
     stock = LoraAdapter.load(tmp_path / "stock/adapter").tensors
     patched = LoraAdapter.load(tmp_path / "patched/adapter").tensors

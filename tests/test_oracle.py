@@ -160,7 +160,7 @@ def train_file(tmp_path_factory):
 
 
 def _config(tmp_path, name, train_file, steps, **overrides):
-    return TuneConfig(out=str(tmp_path / name), data=train_file, steps=steps, batch_size=4,
+    return TuneConfig(out=str(tmp_path / name), data=train_file, steps=steps, batch_size=4, directions=1,
                       eval_every=0, save_every=0, **overrides)
 
 
@@ -252,7 +252,7 @@ from mezo_vllm.model import prepare_default_model
 from mezo_vllm.trainer import tune
 
 model = str(prepare_default_model())
-cfg = TuneConfig(out=sys.argv[1], task="sst2", dtype="bfloat16", steps=2, batch_size=4, eval_every=0,
+cfg = TuneConfig(out=sys.argv[1], task="sst2", dtype="bfloat16", steps=2, batch_size=4, directions=1, eval_every=0,
                  save_every=0, eval_examples=int(sys.argv[2]))
 init = LoraAdapter.init(LoraSpec(), model_linear_shapes(model), seed=cfg.seed)
 engine = VllmEngine(EngineConfig(model=model, dtype="bfloat16"), init)

@@ -326,7 +326,7 @@ def test_a_bug_outside_the_engine_is_not_called_an_engine_fault(tmp_path, tokeni
 # --------------------------------------------------------------------------- engine faults (real vLLM)
 
 def _real_cfg(tmp_path: Path, name: str) -> TuneConfig:
-    return TuneConfig(out=str(tmp_path / name), task="sst2", steps=8, batch_size=4, lr=5e-3, eval_every=0,
+    return TuneConfig(out=str(tmp_path / name), task="sst2", steps=8, batch_size=4, directions=1, lr=5e-3, eval_every=0,
                       eval_examples=4, save_every=3, dtype="float32")
 
 
@@ -394,7 +394,7 @@ def test_vllm_generate_dying_mid_run_then_resume_is_exact(tmp_path, engine_fp32,
 
 CLI_STEPS = 16
 # fp32 as the in-process engine it is compared with (auto is bf16 on a CPU with AMX)
-_CLI_ARGS = ["--task", "sst2", "--steps", str(CLI_STEPS), "--batch-size", "4", "--lr", "5e-3",
+_CLI_ARGS = ["--task", "sst2", "--steps", str(CLI_STEPS), "--batch-size", "4", "--directions", "1", "--lr", "5e-3",
              "--eval-every", "4", "--eval-examples", "4", "--save-every", "4", "--dtype", "float32"]
 
 
@@ -430,7 +430,7 @@ def test_cli_ctrl_c_then_sigkill_then_resume_equals_an_uninterrupted_run(tmp_pat
     adapter is bitwise the uninterrupted run's (same seed, in this test's own engine), and the
     trajectory is the same file."""
     whole = tmp_path / "whole"
-    tune(TuneConfig(out=str(whole), task="sst2", steps=CLI_STEPS, batch_size=4, lr=5e-3, eval_every=4,
+    tune(TuneConfig(out=str(whole), task="sst2", steps=CLI_STEPS, batch_size=4, directions=1, lr=5e-3, eval_every=4,
                     eval_examples=4, save_every=4, dtype="float32"), engine=engine_fp32)
     run = tmp_path / "run"
 

@@ -118,7 +118,7 @@ def test_pipeline_parallelism_is_refused_on_cpu_in_one_line(tmp_path, monkeypatc
 
 
 def _run(tmp_path, name, engine, **overrides):
-    settings = dict(out=str(tmp_path / name), task="sst2", steps=4, batch_size=8, lr=5e-3,
+    settings = dict(out=str(tmp_path / name), task="sst2", steps=4, batch_size=8, directions=1, lr=5e-3,
                     lr_schedule="constant", eval_every=0, eval_examples=12, save_every=2, dtype="float32")
     cfg = TuneConfig(**{**settings, **overrides})
     summary = tune(cfg, engine=engine)
@@ -158,7 +158,7 @@ def test_tensor_parallel_engine_same_trajectory_as_one_worker(tmp_path, one_engi
     take their shard) against the unsharded engine: same losses, g and adapter. In a process of
     its own: vLLM's parallel state is per process, and this test's engine must not share it."""
     out = tmp_path / "tp3"
-    flags = {"--task": "sst2", "--steps": 4, "--batch-size": 8, "--lr": 5e-3, "--lr-schedule": "constant",
+    flags = {"--task": "sst2", "--steps": 4, "--batch-size": 8, "--directions": 1, "--lr": 5e-3, "--lr-schedule": "constant",
              "--eval-every": 0, "--eval-examples": 12, "--save-every": 2, "--tensor-parallel-size": 3,
              "--dtype": "float32", "--out": out}
     cli = Path(sys.executable).parent / "mezo-vllm"

@@ -107,7 +107,8 @@ def test_a_result_file_older_than_a_setting_reads_it_as_its_default(tmp_path):
 
 # --------------------------------------------------------------------------- the recipes it chose
 
-RECIPES = {"sst2.yaml": "bf16-10min-n4-review"}  # recipes/ file → the study setting it ships
+RECIPES = {"sst2.yaml": "review-n4-lr-8e-3"}  # recipes/ file → the study setting it ships
+DEFAULT = "review-n4-lr-8e-3"  # the study setting `mezo-vllm tune --task sst2` runs without flags (make tune)
 
 
 def test_each_recipe_is_the_study_setting_that_chose_it():
@@ -128,6 +129,20 @@ def test_each_recipe_is_the_study_setting_that_chose_it():
         assert measured.dtype == "bfloat16"
         differ = {k for k, v in study._as_saved(recipe).items() if study._as_saved(measured)[k] != v}
         assert differ == {"out", "dtype"}, differ
+
+
+def test_the_defaults_are_the_study_setting_that_chose_them():
+    """`mezo-vllm tune --task sst2` with no other flag is the chosen study setting, up to dtype
+    (auto: the study's bf16 on the CPUs it ran on), and the Makefile's `make tune` runs it."""
+    from mezo_vllm.config import TuneConfig
+
+    default = TuneConfig(out="x", task="sst2")
+    measured = study.config(study.BY_NAME[DEFAULT], 0, Path("x"))
+    differ = {k for k, v in study._as_saved(default).items() if study._as_saved(measured)[k] != v}
+    assert differ == {"out", "dtype"}, differ
+    assert (default.dtype, measured.dtype) == ("auto", "bfloat16")
+    make = (Path(__file__).parent.parent / "Makefile").read_text()
+    assert "mezo-vllm tune --task sst2 --out runs/sst2-default $(ARGS)" in make
 
 
 def test_sst2s_template_is_the_best_one_the_study_measured():

@@ -19,7 +19,7 @@ def _run(tmp_path, name, engine, steps=STEPS, **overrides):
     """A constant lr, so that a shorter run's steps are the first steps of a longer one; MeZO's
     template (`sst2-mezo`), where the untrained model is at chance, so the loss has room to fall
     within 20 steps (task `sst2`'s template starts at ~80% accuracy)."""
-    cfg = TuneConfig(out=str(tmp_path / name), task="sst2-mezo", steps=steps, lr=5e-3, eps=1e-2, lr_schedule="constant",
+    cfg = TuneConfig(out=str(tmp_path / name), task="sst2-mezo", steps=steps, directions=1, lr=5e-3, eps=1e-2, lr_schedule="constant",
                      eval_every=0, save_every=10, eval_examples=20, **overrides)
     tune(cfg, engine=engine)
     return tmp_path / name
