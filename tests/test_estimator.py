@@ -302,7 +302,7 @@ def _replay(records: list[dict], options: dict) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("options", [dict(estimator="fzoo", directions=3),
                                      dict(estimator="fzoo", directions=2, sparsity=0.5, train_only="B",
                                           lr_schedule="cosine", warmup_steps=3),
-                                     dict(estimator="zo-sgd", sparsity=0.9, lr_schedule="linear")])
+                                     dict(estimator="zo-sgd", directions=1, sparsity=0.9, lr_schedule="linear")])
 def test_new_rules_resume_exactly_and_replay(tmp_path, tokenizer, options):
     """As for the stateful rules: crash at step 9 (checkpoint at 8), resume, bitwise the
     uninterrupted run; a float64 replay of the trajectory gives the same θ; with --train-only B
@@ -338,7 +338,7 @@ def test_new_settings_are_checked():
     assert isinstance(make_estimator("fzoo"), FZOO)
     assert make_estimator("lozo", sparsity=0.5).directions(0, [1])[0].sparsity == 0.5
     assert make_estimator("momentum", b_only=True).directions(0, [1]) == [Masked(1, 0.0, True)]
-    for bad, message in [({"estimator": "fzoo"}, "--estimator fzoo .* needs --directions ≥ 2"),
+    for bad, message in [({"estimator": "fzoo", "directions": 1}, "--estimator fzoo .* needs --directions ≥ 2"),
                          ({"warmup_steps": 300}, "--warmup-steps 300 must be below --steps 300"),
                          ({"warmup_steps": -1}, "--warmup-steps must be ≥ 0"),
                          ({"sparsity": 1.0}, r"--sparsity must be in \[0, 1\)"),

@@ -82,9 +82,10 @@ def test_best_final_and_numbered_adapters_and_the_summary(tmp_path, tokenizer, s
 
 def test_train_lines_and_the_progress_bar(tmp_path, tokenizer, capsys):
     """Each step's train loss (mean of ±ε), its moving average, lr and |g| in metrics.jsonl, and
-    the average, lr and |g| on the bar."""
+    the average, lr and |g| on the bar. One direction, whose two losses the trajectory keeps;
+    with several, |g| is the mean of their |g|."""
     run = tmp_path / "run"
-    tune(_cfg(tmp_path, "run", steps=6), engine=StandInEngine(tokenizer))
+    tune(_cfg(tmp_path, "run", steps=6, directions=1), engine=StandInEngine(tokenizer))
     train = [r for r in _lines(run / "metrics.jsonl") if "train_loss" in r]
     steps = _lines(run / "trajectory.jsonl")
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
@@ -97,6 +98,11 @@ def test_train_lines_and_the_progress_bar(tmp_path, tokenizer, capsys):
     bar = capsys.readouterr().err.split("\r")[-1]
     last = train[-1]
     assert f"loss={last['train_loss_ema']:.4f}, lr={last['lr']:.2e}, |g|={last['abs_g']:.3g}, tok/s=" in bar
+    tune(_cfg(tmp_path, "three", steps=2, directions=3), engine=StandInEngine(tokenizer))
+    train = [r for r in _lines(tmp_path / "three/metrics.jsonl") if "train_loss" in r]
+    steps = _lines(tmp_path / "three/trajectory.jsonl")
+    assert [line["abs_g"] for line in train] == pytest.approx([sum(map(abs, s["grads"])) / 3 for s in steps])
+    assert all(len(s["grads"]) == 3 and len(set(s["grads"])) == 3 for s in steps)
 
 
 def test_a_skipped_step_logs_no_loss(tmp_path, tokenizer):
