@@ -139,9 +139,10 @@ class TuneConfig(ModelSettings):
                             "or drop them", choices=OVERFLOW)
     eval_examples: int = setting(0, "dev examples per evaluation (0 = all)", checks=(at_least(0),))
     fast: bool = setting(True, "run without the speed-up patches (for comparison)", flag="--stock-vllm")
-    # vLLM's CPU compilation kept on with LoRA (patches.compiled_lora): fp32 steps 0.99-1.29x as fast,
-    # losses within 3.4e-6; bf16 on AMX 1.31-1.57x (docs/benchmarks.md); off by default because
-    # the first start of an engine shape compiles for ~70 s.
+    # vLLM's CPU compilation kept on with LoRA (patches.compiled_lora): steps 1.08-1.31x as fast on an
+    # AVX512-BF16 EPYC, 1.31-1.57x in bf16 on AMX, losses within 8.8e-7 in fp32 (docs/benchmarks.md);
+    # off by default because every start costs ~40 s more (~70 s the first time), which the
+    # default 300-step run only wins back.
     compile: bool = setting(False, "compile the engine's forward pass (torch.compile, LoRA ops as custom ops): "
                             "faster steps; the first start of a model/rank compiles ~70 s, later ones read "
                             "vLLM's cache", on_resume=OnResume.MAY_CHANGE)
