@@ -10,6 +10,7 @@ Each stage is its own command, so a long budget can be spent in short sittings (
     python examples/quality.py mezo --task sst2 --task rte ...   # zero-shot + MeZO-LoRA, one engine
     python examples/quality.py first-order --task sst2           # Adam LoRA, one process per task
     python examples/quality.py eval-first-order --task sst2 ...  # its adapters on the test split
+    python examples/quality.py defaults --task rte --seeds 0,1,2 # the library's defaults, with seeds
     python examples/quality.py report                            # table, SST-2 curves, estimator plot
     python examples/quality.py all                               # everything, in order
 
@@ -80,14 +81,14 @@ def _metric(engine: Any, split: Any, variant: int | None) -> float:
     return m["accuracy"] if "accuracy" in m else m["f1"]
 
 
-def _engine(directions: int = 1):
+def _engine(directions: int = 1, dtype: str = "bfloat16"):
     from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes
     from mezo_vllm.engine import EngineConfig, VllmEngine
     from mezo_vllm.model import resolve_model
 
     model = str(resolve_model(None).resolve())
     adapter = LoraAdapter.init(LoraSpec(), model_linear_shapes(model), seed=0)
-    return VllmEngine(EngineConfig(model=model, dtype="bfloat16", n_variants=2 * directions), adapter)
+    return VllmEngine(EngineConfig(model=model, dtype=dtype, n_variants=2 * directions), adapter)
 
 
 def _score_adapter(engine: Any, split: Any, adapter_dir: Path) -> float:
@@ -165,6 +166,64 @@ def _segments_s(run: Path) -> float:
 def _tune_command(cfg: Any) -> str:
     return (f"mezo-vllm tune --task {cfg.task} --dtype {cfg.dtype} --lr {cfg.lr} --eps {cfg.eps} "
             f"--batch-size {cfg.batch_size} --steps {cfg.steps} --estimator {cfg.estimator} --out {cfg.out}")
+
+
+# --------------------------------------------------------------------------- the defaults, with seeds
+
+def defaults_config(task: str, seed: int):
+    """`mezo-vllm tune --task TASK --seed SEED` as a user runs it (every other setting the
+    library's default); generation tasks evaluate 50 dev examples (greedy answers are slow)."""
+    from mezo_vllm.config import TuneConfig
+
+    extra = dict(eval_examples=50) if task in ("squad", "drop") else {}
+    return TuneConfig(out=str(OUT / f"{task}-defaults-s{seed}"), task=task, seed=seed, **extra)
+
+
+@main.command()
+@click.option("--task", "tasks", multiple=True, type=click.Choice(TASKS), required=True)
+@click.option("--seeds", default="0,1,2", show_default=True, help="comma-separated seeds")
+def defaults(tasks: Sequence[str], seeds: str) -> None:
+    """MeZO-LoRA with the library's defaults, per task and seed, on one engine: zero-shot and the
+    final adapter's test metric. A run interrupted (Ctrl-C) resumes at the next call; runs
+    scored already are skipped."""
+    from mezo_vllm.config import TuneConfig
+    from mezo_vllm.platform_policy import engine_dtype
+    from mezo_vllm.trainer import tune
+
+    engine = _engine(TuneConfig(out="").directions, engine_dtype("auto", "vllm"))
+    for task in tasks:
+        split = _test_split(task, engine.tokenizer)
+        zero = _load(f"{task}-zero-shot") or {"zero_shot": _metric(engine, split, None),
+                                               "test_examples": len(split.by_example)}
+        _save(f"{task}-zero-shot", zero)
+        for seed in (int(x) for x in seeds.split(",")):
+            name = f"{task}-defaults-s{seed}"
+            if "test" in (_load(name) or {}):
+                continue
+            cfg = defaults_config(task, seed)
+            summary = tune(cfg, resume=(Path(cfg.out) / "config.json").exists(), engine=engine)
+            _save(name, {"task": task, "seed": seed, "steps": cfg.steps, "train_s": summary["wall_s"],
+                         "dev": summary["after"], "test": _score_adapter(engine, split, Path(cfg.out) / "adapter"),
+                         "test_examples": len(split.by_example),
+                         "command": f"mezo-vllm tune --task {task} --seed {seed}"})
+            click.echo(f"{name}: zero-shot {zero['zero_shot']:.4f}, MeZO-LoRA {_load(name)['test']:.4f}")
+
+
+def defaults_table() -> str:
+    """Mean ± std over the seeds of each task's `defaults` runs."""
+    rows = ["| task | metric | test examples | zero-shot | MeZO-LoRA, defaults (mean ± std) | seeds | "
+            "wall time a run |", "|---|---|---|---|---|---|---|"]
+    for task in TASKS:
+        runs = [r for r in (_load(p.stem) for p in sorted((OUT / "results").glob(f"{task}-defaults-s*.json")))
+                if r and "test" in r]
+        if not runs:
+            continue
+        test, wall = np.array([r["test"] for r in runs]), np.array([r["train_s"] for r in runs])
+        spread = f" ± {test.std(ddof=1) * 100:.1f}" if len(runs) > 1 else ""
+        rows.append(f"| {task} | {'F1' if task in ('squad', 'drop') else 'accuracy'} | {runs[0]['test_examples']} | "
+                    f"{_fmt((_load(f'{task}-zero-shot') or {}).get('zero_shot'))} | {test.mean() * 100:.1f}{spread} | "
+                    f"{len(runs)} | {_minutes(float(wall.mean()))} |")
+    return "\n".join(rows)
 
 
 # --------------------------------------------------------------------------- first-order LoRA
@@ -413,7 +472,7 @@ def report(docs: str, estimator_minutes: float) -> None:
     """The markdown table (runs/quality/table.md), docs/quality-sst2-curves.png and
     docs/estimators-sst2.png."""
     Path(docs).mkdir(exist_ok=True)
-    text = table()
+    text = table() + "\n\n" + defaults_table()
     (OUT / "table.md").write_text(text + "\n")
     plot_sst2_curves(Path(docs) / "quality-sst2-curves.png")
     plot_estimators(Path(docs) / "estimators-sst2.png", estimator_minutes * 60)
