@@ -365,26 +365,30 @@ def table() -> str:
     return "\n".join(rows)
 
 
+def _metric_lines(run: Path) -> list[dict[str, Any]]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def _metrics(run: Path) -> list[dict[str, Any]]:
     """The dev lines of a run's metrics.jsonl (the train lines are the others)."""
     from mezo_vllm.outputs import dev_lines
 
-    path = run / "metrics.jsonl"
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return dev_lines(lines)
+    return dev_lines(_metric_lines(run))
 
 
 def plot_sst2_curves(dest: Path) -> None:
+    mezo = _metrics(OUT / "sst2-mezo")
+    if not mezo:
+        return  # the run is not on this disk: keep the plot drawn from it
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    mezo = _metrics(OUT / "sst2-mezo")
-    if mezo:
-        ax.plot([max(m["step"], 1) for m in mezo], [m["accuracy"] for m in mezo], marker="o",
-                label=f"MeZO-LoRA (bf16 vLLM, {mezo[-1]['wall_s'] / 60:.0f} min)")
+    ax.plot([max(m["step"], 1) for m in mezo], [m["accuracy"] for m in mezo], marker="o",
+            label=f"MeZO-LoRA (bf16 vLLM, {mezo[-1]['wall_s'] / 60:.0f} min)")
     first = _load("sst2-first-order") or {}
     if first.get("curve"):
         ax.plot([max(c["step"], 1) for c in first["curve"]], [c["accuracy"] for c in first["curve"]], marker="s",
@@ -431,6 +435,10 @@ def estimator(name: str, seconds: float) -> None:
 
 
 def plot_estimators(dest: Path, limit_s: float) -> None:
+    from mezo_vllm.outputs import is_train_line
+
+    if not any(_metrics(OUT / name) for name in ESTIMATOR_RUNS.values()):
+        return  # the runs are not on this disk: keep the plot drawn from them
     import matplotlib
 
     matplotlib.use("Agg")
@@ -443,14 +451,14 @@ def plot_estimators(dest: Path, limit_s: float) -> None:
         if not points:
             continue
         line, = ax.plot([m["wall_s"] / 60 for m in points], [m["accuracy"] for m in points], marker="o", label=label)
-        # the training loss between evaluations, its time interpolated from theirs
-        path = OUT / name / "trajectory.jsonl"
-        steps = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        loss = np.array([(r["loss_plus"] + r["loss_minus"]) / 2 for r in steps])
-        when = np.interp([r["step"] + 1 for r in steps], [m["step"] for m in metrics],
+        # the training loss (the mean of all the step's losses: 2n of them for n directions)
+        # between evaluations, its time interpolated from theirs
+        steps = [r for r in _metric_lines(OUT / name) if is_train_line(r) and r["train_loss"] is not None]
+        loss = np.array([r["train_loss"] for r in steps])
+        when = np.interp([r["step"] for r in steps], [m["step"] for m in metrics],
                          [m["wall_s"] for m in metrics])
         smooth = np.convolve(loss, np.ones(25) / 25, mode="valid")
-        done = np.array([r["step"] + 1 for r in steps])[24:]
+        done = np.array([r["step"] for r in steps])[24:]
         keep = (when[24:] <= limit_s) & (done <= metrics[-1]["step"])  # no time known past the last eval
         ax_loss.plot(when[24:][keep] / 60, smooth[keep], color=line.get_color(), label=label)
     ax.set(xlabel="wall time (min, engine start included)", ylabel="SST-2 dev accuracy (100 examples)",
