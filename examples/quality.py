@@ -11,6 +11,7 @@ Each stage is its own command, so a long budget can be spent in short sittings (
     python examples/quality.py first-order --task sst2           # Adam LoRA, one process per task
     python examples/quality.py eval-first-order --task sst2 ...  # its adapters on the test split
     python examples/quality.py defaults --task rte --seeds 0,1,2 # the library's defaults, with seeds
+    python examples/quality.py score-run --task squad runs/quality/squad-lr2e-3-s0  # any run's adapters
     python examples/quality.py report                            # table, SST-2 curves, estimator plot
     python examples/quality.py all                               # everything, in order
 
@@ -338,6 +339,28 @@ def eval_first_order(tasks: Sequence[str]) -> None:
             record["test"] = _score_adapter(engine, split, OUT / name / "adapter")
             _save(name, record)
             click.echo(f"{name}: first-order LoRA {record['test']:.4f}")
+
+
+@main.command("score-run")
+@click.option("--task", required=True, type=click.Choice(TASKS))
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+def score_run(task: str, runs: Sequence[Path]) -> None:
+    """The test metric of any `tune` run's adapters, the final one and `best/` (e.g. a run
+    with a setting other than the defaults, or one stopped early): results/<run name>-scored.json."""
+    from mezo_vllm.platform_policy import engine_dtype
+
+    engine = _engine(1, engine_dtype("auto", "vllm"))
+    split = _test_split(task, engine.tokenizer)
+    for run in runs:
+        config = json.loads((run / "config.json").read_text())
+        record = {"task": task, "run": str(run), "test_examples": len(split.by_example),
+                  "settings": {k: config[k] for k in ("lr", "directions", "steps", "seed")},
+                  "dev": _metrics(run)}
+        for adapter in ("adapter", "best"):
+            if (run / adapter).is_dir():
+                record[f"test_{adapter}"] = _score_adapter(engine, split, run / adapter)
+        _save(f"{run.name}-scored", record)
+        click.echo(f"{run.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("test_")))
 
 
 # --------------------------------------------------------------------------- report
