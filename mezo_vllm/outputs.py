@@ -22,11 +22,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import rundir
+from . import console, rundir
 from .adapter import LoraAdapter, LoraSpec
 from .config import TuneConfig
 
 EMA_BETA = 0.9  # the moving average of the train loss shown by the progress bar
+# A dev metric this much (relative) worse than the start's is a run going wrong, not noise: the
+# default SST-2 runs never dip 5% below their start, the runs that collapsed did (docs/quality.md).
+WORSE_THAN_START = 0.05
 _NOT_METRICS = ("step", "skipped_steps", "wall_s")
 
 
@@ -45,6 +48,11 @@ def key_metric(metrics: dict) -> tuple[str, bool]:
         if name in metrics:
             return name, True
     return "nll", False
+
+
+def worse_than_start(value: float, start: float, higher: bool) -> bool:
+    """Whether a dev metric has fallen `WORSE_THAN_START` (relative) behind the untrained adapter's."""
+    return value < start * (1 - WORSE_THAN_START) if higher else value > start * (1 + WORSE_THAN_START)
 
 
 def _finite(value: float) -> float | None:
@@ -102,9 +110,12 @@ class RunOutputs:
                  best: tuple[dict, LoraAdapter] | None):
         self.run, self.cfg, self.spec, self.model_dir = Path(cfg.out), cfg, spec, model_dir
         self.loss = LossAverage()
-        for record in rundir.read_log(self.run / "metrics.jsonl")[0]:
+        records = rundir.read_log(self.run / "metrics.jsonl")[0]
+        for record in records:
             if is_train_line(record):
                 self.loss.add(record["train_loss"])
+        self.start = next((r for r in dev_lines(records) if r["step"] == 0), None)
+        self.warned = False  # once a sitting: the terminal stays quiet
         # best/ may have been rewritten after the checkpoint, by the sitting that was killed
         self.best = best
         if best is not None:
@@ -139,7 +150,9 @@ class RunOutputs:
                 "|g|": f"{abs_g:.3g}" if abs_g is not None else "nan"}
 
     def evaluated(self, metrics: dict, master: Callable[[], dict]) -> None:
-        """A dev line; `best/` (from the engine's `master`) when its key metric is the best yet."""
+        """A dev line; `best/` (from the engine's `master`) when its key metric is the best yet; one
+        line on the terminal the first time the metric falls behind the start's (a run going wrong
+        keeps running: its best/ is safe, and the user decides)."""
         rundir.append_jsonl(self.run / "metrics.jsonl", metrics)
         self._scalars("dev", metrics)
         name, higher = key_metric(metrics)
@@ -148,6 +161,15 @@ class RunOutputs:
             adapter = LoraAdapter(self.spec, master())
             self._publish("best", adapter)
             self.best = ({"step": metrics["step"], "metric": name, "value": value}, adapter)
+        if metrics["step"] == 0:
+            self.start = metrics
+        elif not self.warned and self.start is not None and worse_than_start(value, self.start[name], higher):
+            self.warned = True
+            best = self.best[0]
+            console.say(f"step {metrics['step']}: dev {name} {value:.4f} is worse than at the start "
+                        f"({self.start[name]:.4f}): training is making the model worse (the lr may be too "
+                        f"large for this task: try a smaller --lr); best/ keeps step {best['step']} "
+                        f"({best['value']:.4f})")
 
     def checkpoint(self, adapter: LoraAdapter, step: int, scheduled: bool) -> None:
         """`checkpoint/` (with the best so far); a scheduled save (--save-every, the last step)

@@ -105,6 +105,31 @@ def test_train_lines_and_the_progress_bar(tmp_path, tokenizer, capsys):
     assert all(len(s["grads"]) == 3 and len(set(s["grads"])) == 3 for s in steps)
 
 
+@pytest.mark.parametrize("metric", ["f1", "nll"])
+def test_a_dev_metric_falling_behind_the_start_is_said_once(tmp_path, tokenizer, monkeypatch, metric, capsys):
+    """SQuAD with the SST-2 lr: dev F1 0.12 → 0.36 at step 25, then 0.0 (nll 2.8 → 11.6). The
+    first fall 5% behind the start gets one line naming best/'s step; noise within 5% gets none;
+    a resumed sitting reads the start from metrics.jsonl."""
+    f1 = {0: 0.2, 5: 0.195, 10: 0.4, 15: 0.0, 20: 0.05}  # 0.195: within 5% of the start
+
+    def evaluate(engine, split, variant):
+        value = f1[engine.steps_done]
+        return {metric: value if metric == "f1" else 3.0 - 10 * value}
+
+    monkeypatch.setattr(mezo_vllm.trainer, "evaluate", evaluate)
+    cfg = _cfg(tmp_path, "run", eval_every=5)
+    with pytest.raises(EngineFailed):
+        tune(cfg, engine=StandInEngine(tokenizer, fail_at_call=18))  # in step 18; checkpoint at 15
+    said = [line for line in capsys.readouterr().err.splitlines() if "worse than at the start" in line]
+    value = {s: v if metric == "f1" else 3.0 - 10 * v for s, v in f1.items()}
+    assert said == [f"step 15: dev {metric} {value[15]:.4f} is worse than at the start ({value[0]:.4f}): training "
+                    "is making the model worse (the lr may be too large for this task: try a smaller --lr); "
+                    f"best/ keeps step 10 ({value[10]:.4f})"]
+    tune(cfg, resume=True, engine=StandInEngine(tokenizer))  # from step 15's checkpoint: step 20 falls again
+    said = [line for line in capsys.readouterr().err.splitlines() if "worse than at the start" in line]
+    assert [line.split(":")[0] for line in said] == ["step 20"]
+
+
 def test_a_skipped_step_logs_no_loss(tmp_path, tokenizer):
     tune(_cfg(tmp_path, "run", steps=4), engine=StandInEngine(tokenizer, nan_calls={3}))  # call 3: step 1
     train = [r for r in _lines(tmp_path / "run/metrics.jsonl") if "train_loss" in r]
