@@ -360,7 +360,7 @@ def score_run(task: str, runs: Sequence[Path]) -> None:
             if (run / adapter).is_dir():
                 record[f"test_{adapter}"] = _score_adapter(engine, split, run / adapter)
         _save(f"{run.name}-scored", record)
-        click.echo(f"{run.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("test_")))
+        click.echo(f"{run.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k in ("test_adapter", "test_best")))
 
 
 # --------------------------------------------------------------------------- report
