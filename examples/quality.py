@@ -203,11 +203,11 @@ def defaults(tasks: Sequence[str], seeds: str) -> None:
                 continue
             cfg = defaults_config(task, seed)
             summary = tune(cfg, resume=(Path(cfg.out) / "config.json").exists(), engine=engine)
-            _save(name, {"task": task, "seed": seed, "steps": cfg.steps, "train_s": summary["wall_s"],
-                         "dev": summary["after"], "test": _score_adapter(engine, split, Path(cfg.out) / "adapter"),
-                         "test_examples": len(split.by_example),
-                         "command": f"mezo-vllm tune --task {task} --seed {seed}"})
-            click.echo(f"{name}: zero-shot {zero['zero_shot']:.4f}, MeZO-LoRA {_load(name)['test']:.4f}")
+            record = {"task": task, "seed": seed, "steps": cfg.steps, "train_s": summary["wall_s"],
+                      "dev": summary["after"], "test": _score_adapter(engine, split, Path(cfg.out) / "adapter"),
+                      "test_examples": len(split.by_example), "command": f"mezo-vllm tune --task {task} --seed {seed}"}
+            _save(name, record)
+            click.echo(f"{name}: zero-shot {zero['zero_shot']:.4f}, MeZO-LoRA {record['test']:.4f}")
 
 
 def defaults_table() -> str:
@@ -360,7 +360,7 @@ def score_run(task: str, runs: Sequence[Path]) -> None:
             if (run / adapter).is_dir():
                 record[f"test_{adapter}"] = _score_adapter(engine, split, run / adapter)
         _save(f"{run.name}-scored", record)
-        click.echo(f"{run.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k in ("test_adapter", "test_best")))
+        click.echo(f"{run.name}: " + ", ".join(f"{k} {record[k]:.4f}" for k in ("test_adapter", "test_best") if k in record))
 
 
 # --------------------------------------------------------------------------- report
@@ -389,8 +389,10 @@ def table() -> str:
 
 
 def _metric_lines(run: Path) -> list[dict[str, Any]]:
-    path = run / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """A run's metrics.jsonl, also while it runs (a torn last line is left out)."""
+    from mezo_vllm.rundir import read_log
+
+    return read_log(run / "metrics.jsonl")[0]
 
 
 def _metrics(run: Path) -> list[dict[str, Any]]:
