@@ -116,6 +116,8 @@ class TuneConfig(ModelSettings):
                                    checks=(at_least(1),))
     lozo_rank: int = setting(2, "--estimator lozo: rank of each matrix's direction U·Vᵀ", checks=(at_least(1),))
     lozo_period: int = setting(50, "--estimator lozo: steps between redraws of V", checks=(at_least(1),))
+    normalise: int = setting(0, "divide each g by the RMS of the g's of the last N steps (0 = off): the lr "
+                             "then sets the step's length whatever the loss's scale", checks=(at_least(0),))
     # Which part of the adapter a direction perturbs (adapter.Masked), for every update rule
     sparsity: float = setting(0.0, "Sparse-MeZO: share of each tensor's entries a direction leaves out, "
                               "chosen from its seed (0 = dense)", checks=(in_half_open(0, 1),))
@@ -178,6 +180,8 @@ class TuneConfig(ModelSettings):
             raise ConfigError("give exactly one of --task NAME or --data FILE")
         if self.estimator == "fzoo" and self.directions < 2:
             raise ConfigError("--estimator fzoo normalises by the spread of its estimates: it needs --directions ≥ 2")
+        if self.estimator == "fzoo" and self.normalise:
+            raise ConfigError("--estimator fzoo normalises its estimates already: not with --normalise")
         if self.warmup_steps >= self.steps:
             raise ConfigError(f"--warmup-steps {self.warmup_steps} must be below --steps {self.steps}")
         if self.train_only == "B" and self.weight_decay:

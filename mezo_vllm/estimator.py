@@ -15,6 +15,10 @@ master copy can apply by regenerating z (see `adapter.Update`). So no rule here 
 - `FZOO` (Dang et al., ICLR 2026): n one-sided estimates sharing one unperturbed pass (n + 1
   variants instead of 2n), each divided by the spread of the n perturbed losses.
 
+Every rule but FZOO (already normalised) can divide its g's by their recent RMS (`normalise`):
+the step's length is then set by lr alone, whatever the loss's scale, so one lr fits a
+two-option cross-entropy (|g| ≈ 1) and a generated answer's NLL (|g| 3-15) alike.
+
 A rule says which variants a step scores (`variants`) and how their losses become g's
 (`estimates`), so the step loop is the same for two-sided pairs and for one shared clean pass.
 Every rule can perturb only part of the adapter (`adapter.Masked`: a seeded share of the
@@ -96,11 +100,39 @@ class ZOSGD:
     Each direction is scored as a ± pair, g = (L(θ+εz) − L(θ−εz))/2ε. `sparsity` and `b_only`
     restrict every direction to part of the adapter (`adapter.Masked`); at their defaults the
     directions are the plain seeds, as before they existed.
+
+    With `normalise` = K > 0 every g is divided by the RMS of the g's of the last K steps (this
+    one included), a scalar kept from the g's alone (Adam's second moment for the one
+    coordinate SPSA measures, over a window instead of an EMA so that a resumed run rebuilds it
+    exactly from the trajectory's last K lines). A loss whose gradient is 5× steeper then takes
+    the same step, and a run whose |g| climbs (a step overshooting) is slowed by it.
     """
 
     weight_decay: float = 0.0
     sparsity: float = 0.0
     b_only: bool = False
+    normalise: int = 0
+    _recent: deque = field(default_factory=deque, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._recent = deque(maxlen=max(self.normalise, 1))
+
+    def _normalised(self, grads: Sequence[float]) -> list[float]:
+        """The step's g's over the RMS of the window's; remembers them (call once per step)."""
+        if not self.normalise:
+            return list(grads)
+        self._recent.append(list(grads))
+        rms = math.sqrt(float(np.mean([g * g for step in self._recent for g in step])))
+        return [g / rms if rms > 0.0 else 0.0 for g in grads]
+
+    def _taken(self, records: Sequence[dict[str, Any]]) -> list[tuple[list[Direction], list[float]]]:
+        """(directions, g's) of the steps a resumed run took, skipped steps left out."""
+        taken = []
+        for record in records:
+            if not record.get("skipped"):
+                seeds, grads = _step_grads(record)
+                taken.append((self.directions(record["step"], seeds), grads))
+        return taken
 
     def directions(self, step: int, seeds: Sequence[int]) -> list[Direction]:
         return self._masked(seeds)
@@ -122,11 +154,14 @@ class ZOSGD:
 
     def update(self, directions: Sequence[Direction], grads: Sequence[float], lr: float) -> Update:
         n = len(directions)
-        terms = tuple((d, -lr * g / n) for d, g in zip(directions, grads))
+        terms = tuple((d, -lr * g / n) for d, g in zip(directions, self._normalised(grads)))
         return Update(terms=terms, decay=lr * self.weight_decay)
 
     def restore(self, records: Sequence[dict[str, Any]]) -> None:
-        """ZO-SGD keeps no state between steps: nothing to rebuild."""
+        """ZO-SGD's only state is the normaliser's window of recent g's."""
+        self._recent.clear()
+        for _, grads in self._taken(records)[-self.normalise:] if self.normalise else ():
+            self._normalised(grads)
 
 
 @dataclass
@@ -144,11 +179,15 @@ class Momentum(ZOSGD):
     _history: deque = field(default_factory=deque, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self._history = deque(maxlen=self.window)
 
-    def update(self, directions: Sequence[Direction], grads: Sequence[float], lr: float) -> Update:
+    def _remember(self, directions: Sequence[Direction], grads: Sequence[float]) -> None:
         n = len(directions)
-        self._history.appendleft([(d, g / n) for d, g in zip(directions, grads)])
+        self._history.appendleft([(d, g / n) for d, g in zip(directions, self._normalised(grads))])
+
+    def update(self, directions: Sequence[Direction], grads: Sequence[float], lr: float) -> Update:
+        self._remember(directions, grads)
         norm = (1.0 - self.beta) / (1.0 - self.beta ** len(self._history))
         terms = tuple((d, -lr * norm * self.beta ** k * g)
                       for k, step in enumerate(self._history) for d, g in step)
@@ -156,12 +195,9 @@ class Momentum(ZOSGD):
 
     def restore(self, records: Sequence[dict[str, Any]]) -> None:
         self._history.clear()
-        for record in records:
-            if record.get("skipped"):
-                continue
-            seeds, grads = _step_grads(record)
-            directions = self.directions(record["step"], seeds)
-            self._history.appendleft([(d, g / len(seeds)) for d, g in zip(directions, grads)])
+        self._recent.clear()
+        for directions, grads in self._taken(records):
+            self._remember(directions, grads)
 
 
 @dataclass
@@ -218,9 +254,9 @@ class FZOO(ZOSGD):
 
 def make_estimator(name: str, weight_decay: float = 0.0, momentum: float = 0.9, window: int = 16,
                    lozo_rank: int = 2, lozo_period: int = 50, seed: int = 0, sparsity: float = 0.0,
-                   b_only: bool = False) -> Estimator:
+                   b_only: bool = False, normalise: int = 0) -> Estimator:
     """The estimator a run's settings name (TuneConfig has validated them)."""
-    masks = dict(sparsity=sparsity, b_only=b_only)
+    masks = dict(sparsity=sparsity, b_only=b_only, normalise=normalise)
     if name == "momentum":
         return Momentum(weight_decay, beta=momentum, window=window, **masks)
     if name == "lozo":

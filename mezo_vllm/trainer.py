@@ -364,11 +364,16 @@ def _start_engine(p: Prepared, adapter: LoraAdapter, verbose: bool) -> ScoringEn
     return engine
 
 
+def estimator_for(cfg: TuneConfig) -> Estimator:
+    """The update rule a run's settings describe."""
+    return make_estimator(cfg.estimator, cfg.weight_decay, cfg.momentum, cfg.momentum_window, cfg.lozo_rank,
+                          cfg.lozo_period, cfg.seed, cfg.sparsity, cfg.train_only == "B", cfg.normalise)
+
+
 def _loop(cfg: TuneConfig, p: Prepared, engine: Any, train: Split, progress: _Progress, start: int,
           dev_metrics: Any, out: RunOutputs) -> int:
     """The steps from `start` to `cfg.steps`; returns the count of skipped (non-finite) steps."""
-    estimator = make_estimator(cfg.estimator, cfg.weight_decay, cfg.momentum, cfg.momentum_window,
-                               cfg.lozo_rank, cfg.lozo_period, cfg.seed, cfg.sparsity, cfg.train_only == "B")
+    estimator = estimator_for(cfg)
     estimator.restore(progress.taken)  # e.g. momentum's window of recent (seed, g)
     examples = sorted(train.by_example)
     skipped, in_a_row = progress.skipped, progress.skipped_in_a_row

@@ -27,7 +27,7 @@ from mezo_vllm.estimator import make_estimator
 from mezo_vllm.evaluation import evaluate
 from mezo_vllm.objective import batch_loss
 from mezo_vllm.outputs import dev_lines
-from mezo_vllm.trainer import tune
+from mezo_vllm.trainer import estimator_for, tune
 
 CLI = [sys.executable, "-c", "from mezo_vllm.cli import main; main()"]
 
@@ -54,8 +54,7 @@ def _records(run: Path) -> list[dict]:
 def _replay(records: list[dict], cfg: TuneConfig, model_dir: str) -> LoraAdapter:
     """The run's adapter rebuilt from its trajectory alone, by the estimator in this process."""
     adapter = LoraAdapter.init(LoraSpec(), model_linear_shapes(model_dir), cfg.seed)
-    estimator = make_estimator(cfg.estimator, cfg.weight_decay, cfg.momentum, cfg.momentum_window,
-                               cfg.lozo_rank, cfg.lozo_period, cfg.seed)
+    estimator = estimator_for(cfg)
     for r in records:
         seeds, grads = (r["seeds"], r["grads"]) if "seeds" in r else ([r["seed"]], [r["g"]])
         adapter.apply(estimator.update(estimator.directions(r["step"], seeds), grads, r["lr"]))

@@ -284,8 +284,12 @@ def _replay(records: list[dict], options: dict) -> dict[str, torch.Tensor]:
     """θ from the trajectory alone, in float64: FZOO's ĝ recomputed from the logged losses."""
     replay = LoraAdapter.init(LoraSpec(), model_linear_shapes(resolve_model(None)), seed=0)
     theta = {k: v.double() for k, v in replay.tensors.items()}
-    for r in records:
+    window = options.get("normalise", 0)
+    for i, r in enumerate(records):
         seeds, grads = (r["seeds"], r["grads"]) if "seeds" in r else ([r["seed"]], [r["g"]])
+        if window:
+            recent = [g for q in records[max(0, i + 1 - window):i + 1] for g in q["grads"]]
+            rms = math.sqrt(sum(g * g for g in recent) / len(recent))
         if options["estimator"] == "fzoo":
             sigma = float(np.std(r["losses"]))
             assert grads == [(loss - r["loss"]) / sigma for loss in r["losses"]]
@@ -294,6 +298,8 @@ def _replay(records: list[dict], options: dict) -> dict[str, torch.Tensor]:
         masked = options.get("sparsity", 0.0) or options.get("train_only")
         dirs = [Masked(s, options.get("sparsity", 0.0), options.get("train_only") == "B") if masked else s
                 for s in seeds]
+        if window:
+            grads = [g / rms for g in grads]
         theta = {k: theta[k] - r["lr"] * sum(g * noise(d, k, t.shape).double() for d, g in zip(dirs, grads)) / len(dirs)
                  for k, t in replay.tensors.items()}
     return theta
@@ -302,11 +308,13 @@ def _replay(records: list[dict], options: dict) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("options", [dict(estimator="fzoo", directions=3),
                                      dict(estimator="fzoo", directions=2, sparsity=0.5, train_only="B",
                                           lr_schedule="cosine", warmup_steps=3),
-                                     dict(estimator="zo-sgd", directions=1, sparsity=0.9, lr_schedule="linear")])
+                                     dict(estimator="zo-sgd", directions=1, sparsity=0.9, lr_schedule="linear"),
+                                     dict(estimator="zo-sgd", directions=2, normalise=5, lr=1e-2)])
 def test_new_rules_resume_exactly_and_replay(tmp_path, tokenizer, options):
     """As for the stateful rules: crash at step 9 (checkpoint at 8), resume, bitwise the
-    uninterrupted run; a float64 replay of the trajectory gives the same θ; with --train-only B
-    every A is bitwise its initialisation."""
+    uninterrupted run (--normalise rebuilds its window of g's from the trajectory); a float64
+    replay of the trajectory gives the same θ; with --train-only B every A is bitwise its
+    initialisation."""
     whole = _crash_and_resume_equal_the_whole_run(tmp_path, tokenizer, options)
 
     records = [json.loads(line) for line in (tmp_path / "whole/trajectory.jsonl").read_text().splitlines()]
@@ -321,6 +329,30 @@ def test_new_rules_resume_exactly_and_replay(tmp_path, tokenizer, options):
         assert all(torch.equal(whole[k], init[k]) for k in whole if "lora_A" in k)
     if options.get("sparsity") == 0.9:  # 12 directions of 10% each: 1 − 0.9¹² ≈ 72% moved
         assert 0.68 < sum(b_moved) / len(b_moved) < 0.76
+
+
+def test_normalised_steps_are_scale_free_and_track_the_window():
+    """--normalise: g's 10× as large give the same update; each g is divided by the RMS of the
+    last K steps' g's (all directions), so a step among steeper ones moves less; Momentum keeps
+    the normalised g's in its window and a restored one continues identically."""
+    steps = [[1.0, -3.0], [2.0, 0.5], [-4.0, 1.0], [0.25, 0.0]]
+    small, large = ZOSGD(normalise=2), ZOSGD(normalise=2)
+    for t, grads in enumerate(steps):
+        a = small.update([2 * t, 2 * t + 1], grads, 0.1)
+        b = large.update([2 * t, 2 * t + 1], [10.0 * g for g in grads], 0.1)
+        assert [d for d, _ in a.terms] == [d for d, _ in b.terms]
+        assert [c for _, c in a.terms] == pytest.approx([c for _, c in b.terms])
+    rms = math.sqrt((16.0 + 1.0 + 0.25 ** 2) / 4)
+    assert a.terms == ((6, pytest.approx(-0.1 * 0.25 / rms / 2)), (7, 0.0))
+    assert ZOSGD(normalise=3).update([1], [5.0], 0.1).terms == ((1, pytest.approx(-0.1)),)
+    assert ZOSGD(normalise=3).update([1], [0.0], 0.1).terms == ((1, 0.0),)
+    momentum, records = Momentum(window=3, normalise=2), []
+    for t, grads in enumerate(steps[:3]):
+        momentum.update([10 * t, 10 * t + 1], grads, 0.1)
+        records.append({"step": t, "seeds": [10 * t, 10 * t + 1], "grads": grads})
+    restored = Momentum(window=3, normalise=2)
+    restored.restore([records[0], {"step": 9, "seed": 1, "g": math.nan, "skipped": True}, *records[1:]])
+    assert restored.update([7], [3.0], 0.1) == momentum.update([7], [3.0], 0.1)
 
 
 def test_schedules_and_warmup():
@@ -340,6 +372,8 @@ def test_new_settings_are_checked():
     assert make_estimator("momentum", b_only=True).directions(0, [1]) == [Masked(1, 0.0, True)]
     for bad, message in [({"estimator": "fzoo", "directions": 1}, "--estimator fzoo .* needs --directions ≥ 2"),
                          ({"warmup_steps": 300}, "--warmup-steps 300 must be below --steps 300"),
+                         ({"estimator": "fzoo", "normalise": 25}, "fzoo normalises .* not with --normalise"),
+                         ({"normalise": -1}, "--normalise must be ≥ 0"),
                          ({"warmup_steps": -1}, "--warmup-steps must be ≥ 0"),
                          ({"sparsity": 1.0}, r"--sparsity must be in \[0, 1\)"),
                          ({"train_only": "A"}, "--train-only must be one of B"),
