@@ -46,8 +46,10 @@ from mezo_vllm.platform_policy import native_bf16
 ROOT = Path("runs/study")
 SEEDS = (0, 1, 2)
 LR = 2e-3
-# the library's defaults when the grid was drawn up: fp32 (as auto was on every CPU), one direction, lr 2e-3
-BASE = dict(task="sst2-mezo", dtype="float32", directions=1, lr=LR, steps=300, eval_every=25, save_every=50)
+# the library's defaults when the grid was drawn up: fp32 (as auto was on every CPU), one direction, lr 2e-3,
+# g not normalised
+BASE = dict(task="sst2-mezo", dtype="float32", directions=1, lr=LR, steps=300, eval_every=25, save_every=50,
+            normalise=0)
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,11 @@ def config(setting: Setting, seed: int, root: Path, steps: int | None = None):
         values.update({key: int(values.get(key, 0) * scale) for key in ("warmup_steps", "eval_every", "save_every")},
                       steps=steps)
     return TuneConfig(**values)
+
+
+# settings added to TuneConfig with a default that changed what a run does: an older result file
+# lacks them and ran as this value
+UNTIL_ADDED = {"normalise": 0}
 
 
 def _engine_key(cfg: Any) -> tuple:
@@ -311,10 +318,10 @@ def _machine() -> str:
 
 def _pending(settings: Iterable[Setting], seeds: Sequence[int], root: Path, steps: int | None) -> list[tuple[Setting, int]]:
     """The runs still to do; a result written with other settings than the grid's is refused (a
-    setting newer than the result file counts as its default)."""
+    setting newer than the result file counts as what the run did: its default then)."""
     from mezo_vllm.config import TuneConfig
 
-    defaults = _as_saved(TuneConfig(out=""))
+    defaults = {**_as_saved(TuneConfig(out="")), **UNTIL_ADDED}
     todo = []
     for setting in settings:
         for seed in seeds:

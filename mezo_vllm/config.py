@@ -79,8 +79,9 @@ class ModelSettings:
 @dataclass(frozen=True, kw_only=True)
 class TuneConfig(ModelSettings):
     """`mezo-vllm tune`. Defaults are the MeZO paper's LoRA settings except where the study
-    measured better ones on the default model and task (4 directions a step, lr, eval and save
-    intervals: docs/results.md, "The study"; `tune --task sst2` is its chosen setting)."""
+    measured better ones on the default model and task (4 directions a step, g normalised by its
+    recent RMS, lr, eval and save intervals: docs/results.md, "The study"; `tune --task sst2` is
+    its chosen setting)."""
 
     out: str = setting(help="run folder", path=True, aliases=("--output_dir",))
     task: str | None = setting(None, "built-in task (see `mezo-vllm tasks`)")
@@ -116,8 +117,9 @@ class TuneConfig(ModelSettings):
                                    checks=(at_least(1),))
     lozo_rank: int = setting(2, "--estimator lozo: rank of each matrix's direction U·Vᵀ", checks=(at_least(1),))
     lozo_period: int = setting(50, "--estimator lozo: steps between redraws of V", checks=(at_least(1),))
-    normalise: int = setting(0, "divide each g by the RMS of the g's of the last N steps (0 = off): the lr "
-                             "then sets the step's length whatever the loss's scale", checks=(at_least(0),))
+    normalise: int = setting(25, "divide each g by the RMS of the g's of the last N steps (0 = off): the lr "
+                             "then sets the step's length whatever the loss's scale (fzoo normalises its own way and "
+                             "ignores it)", checks=(at_least(0),))
     # Which part of the adapter a direction perturbs (adapter.Masked), for every update rule
     sparsity: float = setting(0.0, "Sparse-MeZO: share of each tensor's entries a direction leaves out, "
                               "chosen from its seed (0 = dense)", checks=(in_half_open(0, 1),))
@@ -180,8 +182,6 @@ class TuneConfig(ModelSettings):
             raise ConfigError("give exactly one of --task NAME or --data FILE")
         if self.estimator == "fzoo" and self.directions < 2:
             raise ConfigError("--estimator fzoo normalises by the spread of its estimates: it needs --directions ≥ 2")
-        if self.estimator == "fzoo" and self.normalise:
-            raise ConfigError("--estimator fzoo normalises its estimates already: not with --normalise")
         if self.warmup_steps >= self.steps:
             raise ConfigError(f"--warmup-steps {self.warmup_steps} must be below --steps {self.steps}")
         if self.train_only == "B" and self.weight_decay:

@@ -15,7 +15,7 @@ master copy can apply by regenerating z (see `adapter.Update`). So no rule here 
 - `FZOO` (Dang et al., ICLR 2026): n one-sided estimates sharing one unperturbed pass (n + 1
   variants instead of 2n), each divided by the spread of the n perturbed losses.
 
-Every rule but FZOO (already normalised) can divide its g's by their recent RMS (`normalise`):
+Every rule but FZOO (normalised its own way) can divide its g's by their recent RMS (`normalise`):
 the step's length is then set by lr alone, whatever the loss's scale, so one lr fits a
 two-option cross-entropy (|g| ≈ 1) and a generated answer's NLL (|g| 3-15) alike.
 
@@ -261,8 +261,8 @@ def make_estimator(name: str, weight_decay: float = 0.0, momentum: float = 0.9, 
         return Momentum(weight_decay, beta=momentum, window=window, **masks)
     if name == "lozo":
         return LOZO(weight_decay, rank=lozo_rank, period=lozo_period, seed=seed, **masks)
-    if name == "fzoo":
-        return FZOO(weight_decay, **masks)
+    if name == "fzoo":  # divides by its own losses' spread
+        return FZOO(weight_decay, sparsity=sparsity, b_only=b_only)
     if name == "zo-sgd":
         return ZOSGD(weight_decay, **masks)
     raise ValueError(f"unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}")

@@ -113,7 +113,7 @@ def test_tune_with_the_f1_objective(engine_fp32, tmp_path):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = TuneConfig(out=str(tmp_path / "run"), data=str(data), objective="f1", steps=3, batch_size=3, directions=1,
-                     eps=0.03, lr=1e-2, lr_schedule="constant", eval_every=0, save_every=0)
+                     eps=0.03, lr=1e-2, lr_schedule="constant", eval_every=0, save_every=0, normalise=0)
     tune(cfg, engine=engine_fp32)
     records = [json.loads(line) for line in (tmp_path / "run/trajectory.jsonl").read_text().splitlines()]
     assert len(records) == 3

@@ -160,8 +160,9 @@ def train_file(tmp_path_factory):
 
 
 def _config(tmp_path, name, train_file, steps, **overrides):
+    """Plain ZO-SGD (no --normalise): each logged g is the whole of its update."""
     return TuneConfig(out=str(tmp_path / name), data=train_file, steps=steps, batch_size=4, directions=1,
-                      eval_every=0, save_every=0, **overrides)
+                      eval_every=0, save_every=0, normalise=0, **overrides)
 
 
 def _replay(initial: LoraAdapter, records: list[dict], upto: int) -> LoraAdapter:

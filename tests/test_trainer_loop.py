@@ -144,7 +144,7 @@ def test_interrupt_saves_a_checkpoint_and_stops(tmp_path, tokenizer):
 def test_n_directions_average_their_estimates(tmp_path, tokenizer):
     """--directions n: n seeds per step, every ±εz scored in one call, the update their mean."""
     engine = StandInEngine(tokenizer)
-    tune(_cfg(tmp_path, "n", steps=3, directions=3, lr_schedule="constant"), engine=engine)
+    tune(_cfg(tmp_path, "n", steps=3, directions=3, lr_schedule="constant", normalise=0), engine=engine)
     records = [json.loads(line) for line in (tmp_path / "n/trajectory.jsonl").read_text().splitlines()]
     assert all(len(r["seeds"]) == 3 == len(set(r["seeds"])) and len(r["grads"]) == 3 for r in records)
     assert engine.calls == 1 + 3 + 1  # dev before, one call per step, dev after
