@@ -172,11 +172,6 @@ def config(setting: Setting, seed: int, root: Path, steps: int | None = None):
     return TuneConfig(**values)
 
 
-# settings added to TuneConfig with a default that changed what a run does: an older result file
-# lacks them and ran as this value
-UNTIL_ADDED = {"normalise": 0}
-
-
 def _engine_key(cfg: Any) -> tuple:
     """What an engine is started with (`trainer.start_engine`): runs that agree share one."""
     return cfg.dtype, cfg.rank, tuple(cfg.targets), cfg.directions, cfg.max_length, cfg.compile
@@ -319,7 +314,7 @@ def _machine() -> str:
 def _pending(settings: Iterable[Setting], seeds: Sequence[int], root: Path, steps: int | None) -> list[tuple[Setting, int]]:
     """The runs still to do; a result written with other settings than the grid's is refused (a
     setting newer than the result file counts as what the run did: its default then)."""
-    from mezo_vllm.config import TuneConfig
+    from mezo_vllm.config import UNTIL_ADDED, TuneConfig
 
     defaults = {**_as_saved(TuneConfig(out="")), **UNTIL_ADDED}
     todo = []

@@ -76,6 +76,11 @@ class ModelSettings:
     trust_remote_code: bool = setting(False, _TRUST, on_resume=OnResume.ASK_AGAIN)
 
 
+# Settings added with a default that changes what a run does: a config.json (or a study's result
+# file) written before one existed lacks it and ran as this value, which a resumed run keeps.
+UNTIL_ADDED: dict[str, Any] = {"normalise": 0}
+
+
 @dataclass(frozen=True, kw_only=True)
 class TuneConfig(ModelSettings):
     """`mezo-vllm tune`. Defaults are the MeZO paper's LoRA settings except where the study
@@ -202,7 +207,7 @@ class TuneConfig(ModelSettings):
             raise ConfigError(f"must be a JSON object, got {type(data).__name__}")
         if not isinstance(data.get("out"), str):
             raise ConfigError("field 'out': missing or not a string")
-        return cls(**typed_values(cls, data, unknown_keys=False))
+        return cls(**typed_values(cls, {**UNTIL_ADDED, **data}, unknown_keys=False))
 
     def resumed(self, run_dir: str, given: Mapping[str, Any]) -> "TuneConfig":
         """This saved run continued in `run_dir` (it may have moved) with the settings the user

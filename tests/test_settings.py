@@ -36,7 +36,7 @@ TUNE = {
     "--eps": (0.01, "float"), "--batch-size": (16, "integer"), "--steps": (300, "integer"),
     "--directions": (4, "integer"), "--estimator": ("zo-sgd", ("zo-sgd", "momentum", "lozo", "fzoo")),
     "--momentum": (0.9, "float"), "--momentum-window": (16, "integer"), "--lozo-rank": (2, "integer"),
-    "--lozo-period": (50, "integer"), "--objective": ("loss", ("loss", "f1")), "--seed": (0, "integer"),
+    "--lozo-period": (50, "integer"), "--normalise": (25, "integer"), "--objective": ("loss", ("loss", "f1")), "--seed": (0, "integer"),
     "--weight-decay": (0.0, "float"), "--dtype": ("auto", ("float32", "bfloat16", "float16", "auto")),
     "--eval-every": (25, "integer"), "--eval-examples": (0, "integer"), "--save-every": (50, "integer"),
     "--max-length": (1024, "integer"), "--overflow": ("truncate", ("truncate", "reject")),
@@ -122,14 +122,21 @@ def test_aliases_are_listed_in_help():
 
 def test_saved_config_keys_are_unchanged():
     """A run's config.json from before resumes: no field was renamed or dropped, and the ones added
-    since (warmup_steps, sparsity, train_only, compile) default to what runs did before them."""
+    since (warmup_steps, sparsity, train_only, compile, normalise) read as what runs did before
+    them (normalise, on by default since, as 0)."""
     assert {f.name for f in fields(TuneConfig)} == {
         "out", "model", "task", "data", "eval_data", "eval_split", "targets", "rank", "alpha", "lr", "lr_schedule", "eps",
         "batch_size", "steps", "directions", "seed", "weight_decay", "estimator", "momentum", "momentum_window",
         "lozo_rank", "lozo_period", "objective", "dtype", "eval_every", "save_every", "max_length", "overflow",
         "eval_examples", "fast", "engine", "replicas", "ray_address", "tensor_parallel_size",
         "pipeline_parallel_size", "trust_remote_code",
-        "init_adapter", "save_total_limit", "report_to", "warmup_steps", "sparsity", "train_only", "compile"}  # added since: a config.json without them resumes
+        "init_adapter", "save_total_limit", "report_to", "warmup_steps", "sparsity", "train_only", "compile",
+        "normalise"}  # added since: a config.json without them resumes
+    before = {k: v for k, v in TuneConfig(out="x", task="sst2").to_json().items()
+              if k not in ("warmup_steps", "sparsity", "train_only", "compile", "normalise")}
+    old = TuneConfig.from_json(before)
+    assert (old.warmup_steps, old.sparsity, old.train_only, old.compile, old.normalise) == (0, 0.0, None, False, 0)
+    assert TuneConfig.from_json({**before, "normalise": 25}).normalise == 25
 
 
 def test_validate_shares_the_model_settings_with_tune():
