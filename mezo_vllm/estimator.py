@@ -125,15 +125,6 @@ class ZOSGD:
         rms = math.sqrt(float(np.mean([g * g for step in self._recent for g in step])))
         return [g / rms if rms > 0.0 else 0.0 for g in grads]
 
-    def _taken(self, records: Sequence[dict[str, Any]]) -> list[tuple[list[Direction], list[float]]]:
-        """(directions, g's) of the steps a resumed run took, skipped steps left out."""
-        taken = []
-        for record in records:
-            if not record.get("skipped"):
-                seeds, grads = _step_grads(record)
-                taken.append((self.directions(record["step"], seeds), grads))
-        return taken
-
     def directions(self, step: int, seeds: Sequence[int]) -> list[Direction]:
         return self._masked(seeds)
 
@@ -158,9 +149,10 @@ class ZOSGD:
         return Update(terms=terms, decay=lr * self.weight_decay)
 
     def restore(self, records: Sequence[dict[str, Any]]) -> None:
-        """ZO-SGD's only state is the normaliser's window of recent g's."""
+        """ZO-SGD's only state is the normaliser's window: the g's of the last K steps taken."""
         self._recent.clear()
-        for _, grads in self._taken(records)[-self.normalise:] if self.normalise else ():
+        taken = [_step_grads(record)[1] for record in records if not record.get("skipped")]
+        for grads in taken[-self.normalise:] if self.normalise else ():
             self._normalised(grads)
 
 
@@ -181,6 +173,15 @@ class Momentum(ZOSGD):
     def __post_init__(self) -> None:
         super().__post_init__()
         self._history = deque(maxlen=self.window)
+
+    def _taken(self, records: Sequence[dict[str, Any]]) -> list[tuple[list[Direction], list[float]]]:
+        """(directions, g's) of the steps a resumed run took, skipped steps left out."""
+        taken = []
+        for record in records:
+            if not record.get("skipped"):
+                seeds, grads = _step_grads(record)
+                taken.append((self.directions(record["step"], seeds), grads))
+        return taken
 
     def _remember(self, directions: Sequence[Direction], grads: Sequence[float]) -> None:
         n = len(directions)
@@ -251,6 +252,10 @@ class FZOO(ZOSGD):
         """L(θ), the batch loss itself, and the n perturbed losses (ĝ replays from them)."""
         return {"loss": losses[0], "losses": list(losses[1:])}
 
+    def _normalised(self, grads: Sequence[float]) -> list[float]:
+        """ĝ is divided by σ already: `normalise` is ignored, not applied twice."""
+        return list(grads)
+
 
 def make_estimator(name: str, weight_decay: float = 0.0, momentum: float = 0.9, window: int = 16,
                    lozo_rank: int = 2, lozo_period: int = 50, seed: int = 0, sparsity: float = 0.0,
@@ -261,8 +266,8 @@ def make_estimator(name: str, weight_decay: float = 0.0, momentum: float = 0.9, 
         return Momentum(weight_decay, beta=momentum, window=window, **masks)
     if name == "lozo":
         return LOZO(weight_decay, rank=lozo_rank, period=lozo_period, seed=seed, **masks)
-    if name == "fzoo":  # divides by its own losses' spread
-        return FZOO(weight_decay, sparsity=sparsity, b_only=b_only)
+    if name == "fzoo":
+        return FZOO(weight_decay, **masks)
     if name == "zo-sgd":
         return ZOSGD(weight_decay, **masks)
     raise ValueError(f"unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}")

@@ -367,7 +367,9 @@ def test_schedules_and_warmup():
 
 
 def test_new_settings_are_checked():
-    assert isinstance(make_estimator("fzoo"), FZOO) and make_estimator("fzoo", normalise=25).normalise == 0
+    fzoo = make_estimator("fzoo", normalise=2)  # σ-normalised already: --normalise leaves its steps alone
+    assert isinstance(fzoo, FZOO)
+    assert all(fzoo.update([1, 2], grads, 0.1) == FZOO().update([1, 2], grads, 0.1) for grads in ([1.0, 3.0], [10.0, -2.0]))
     assert make_estimator("lozo", sparsity=0.5).directions(0, [1])[0].sparsity == 0.5
     assert make_estimator("momentum", b_only=True).directions(0, [1]) == [Masked(1, 0.0, True)]
     for bad, message in [({"estimator": "fzoo", "directions": 1}, "--estimator fzoo .* needs --directions ≥ 2"),
