@@ -4,6 +4,7 @@
     python examples/study.py list                 # the grid, and which runs are done
     python examples/study.py report               # table (mean ± std over seeds) and plot
     python examples/study.py templates            # zero-shot accuracy of SST-2 prompt templates
+    python examples/study.py tail-average RUN...  # dev accuracy of the mean of a run's last K adapters
 
 Each setting changes one thing from `mezo-vllm tune`'s former defaults (SST-2 in MeZO's template,
 task `sst2-mezo`, fp32, lr 2e-3 linear,
@@ -209,7 +210,7 @@ def _settings(patterns: Sequence[str]) -> list[Setting]:
     return chosen
 
 
-def _seeds(text: str) -> list[int]:
+def _integers(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
@@ -356,7 +357,7 @@ def run(patterns: Sequence[str], seeds: str, minutes: float, steps: int | None, 
                    f"is emulated, ~9x slower than fp32, and would measure the emulation")
         settings = [s for s in settings if s.overrides.get("dtype") != "bfloat16"]
     try:
-        todo = _pending(settings, _seeds(seeds), root, steps)
+        todo = _pending(settings, _integers(seeds), root, steps)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     root.mkdir(parents=True, exist_ok=True)
@@ -461,6 +462,71 @@ def templates(out: Path) -> None:
                    f"answers positive {positive / len(reviews):.2f}")
     out.parent.mkdir(parents=True, exist_ok=True)
     _save(out, results)
+    click.echo(f"wrote {out}")
+
+
+# --------------------------------------------------------------------------- tail averaging
+
+def tail_average(run: Path, window: int):
+    """The mean of a finished run's last `window` adapters θ_{T−K+1} … θ_T (Polyak-Ruppert tail
+    averaging), from its final adapter and trajectory alone: step i moves θ_i to θ_{i+1} by u_i, so
+    the mean is θ_T − Σᵢ max(0, i − T + K)/K · u_i. Each u_i is rebuilt by the run's own update
+    rule from the step's logged seeds, g's and lr, in order, as a resumed run rebuilds its state
+    (the normaliser's window, momentum's), so no iterate needs to have been kept."""
+    from mezo_vllm.adapter import LoraAdapter, Update
+    from mezo_vllm.config import TuneConfig
+    from mezo_vllm.estimator import step_grads
+    from mezo_vllm.trainer import estimator_for
+
+    cfg = TuneConfig.from_json(json.loads((run / "config.json").read_text()))
+    if cfg.weight_decay:
+        raise click.ClickException(f"{run}: --weight-decay {cfg.weight_decay}: the mean is only a sum of updates without decay")
+    estimator, terms = estimator_for(cfg), []
+    for record in _trajectory(run):
+        if record.get("skipped"):
+            continue
+        seeds, grads = step_grads(record)
+        update = estimator.update(estimator.directions(record["step"], seeds), grads, record["lr"])
+        weight = max(0, record["step"] - cfg.steps + window) / window
+        terms += [(direction, -weight * coeff) for direction, coeff in update.terms if weight]
+    mean = LoraAdapter.load(run / "adapter")
+    mean.apply(Update(tuple(terms)))
+    return mean
+
+
+@main.command("tail-average")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--windows", default="50,100,150", show_default=True, help="comma-separated K: the last K adapters averaged")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("docs/study/tail-average.json"),
+              show_default=True)
+def tail_average_command(runs: Sequence[Path], windows: str, out: Path) -> None:
+    """Dev accuracy of finished runs' final adapters against the mean of their last K adapters
+    (dev only: whether to average is a choice like the others), on one engine of the first run's
+    shape."""
+    from mezo_vllm.adapter import LoraAdapter
+    from mezo_vllm.config import TuneConfig
+    from mezo_vllm.data import Split, load_task
+    from mezo_vllm.evaluation import evaluate
+    from mezo_vllm.model import resolve_model
+    from mezo_vllm.trainer import start_engine
+
+    first = TuneConfig.from_json(json.loads((runs[0] / "config.json").read_text()))
+    engine = start_engine(first, str(resolve_model(first.model)), LoraAdapter.load(runs[0] / "adapter"))
+    dev = Split.make(load_task(first.task).dev, engine.tokenizer, first.max_length, first.overflow)
+
+    def accuracy(adapter: Any) -> float:
+        engine.load_master(adapter)
+        engine.write_variants([(0, 0.0)])
+        return evaluate(engine, dev, 0)["accuracy"]
+
+    results = {}
+    for run in runs:
+        row = {"final": accuracy(LoraAdapter.load(run / "adapter"))}
+        row.update({f"mean of last {k}": accuracy(tail_average(run, k)) for k in _integers(windows)})
+        results[run.name] = row
+        click.echo(f"{run.name}: " + ", ".join(f"{key} {value:.2f}" for key, value in row.items()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save(out, {"split": f"{first.task} dev ({len(dev.by_example)} examples)", "machine": _machine(), "runs": results})
     click.echo(f"wrote {out}")
 
 

@@ -86,7 +86,7 @@ class Estimator(Protocol):
         """Rebuild any state from a resumed run's trajectory lines (steps taken so far)."""
 
 
-def _step_grads(record: dict[str, Any]) -> tuple[list[int], list[float]]:
+def step_grads(record: dict[str, Any]) -> tuple[list[int], list[float]]:
     """(seeds, g's) of a trajectory line (one direction: `seed`, `g`; n: `seeds`, `grads`)."""
     if "seeds" in record:
         return list(record["seeds"]), list(record["grads"])
@@ -151,7 +151,7 @@ class ZOSGD:
     def restore(self, records: Sequence[dict[str, Any]]) -> None:
         """ZO-SGD's only state is the normaliser's window: the g's of the last K steps taken."""
         self._recent.clear()
-        taken = [_step_grads(record)[1] for record in records if not record.get("skipped")]
+        taken = [step_grads(record)[1] for record in records if not record.get("skipped")]
         for grads in taken[-self.normalise:] if self.normalise else ():
             self._normalised(grads)
 
@@ -179,7 +179,7 @@ class Momentum(ZOSGD):
         taken = []
         for record in records:
             if not record.get("skipped"):
-                seeds, grads = _step_grads(record)
+                seeds, grads = step_grads(record)
                 taken.append((self.directions(record["step"], seeds), grads))
         return taken
 

@@ -161,3 +161,39 @@ def test_sst2s_template_is_the_best_one_the_study_measured():
         examples = load_task(task).train.examples[:20]
         assert [e.prompt for e in examples] == [template.format(s=r) for r in reviews]
         assert all(e.targets == targets for e in examples)
+
+
+def test_tail_average_is_the_mean_of_the_last_adapters(tmp_path):
+    """The mean of a run's last K adapters, from its final adapter and trajectory alone, equals the
+    mean of the iterates kept along the way: --normalise's window is rebuilt in order, and a
+    skipped (non-finite) step moves nothing."""
+    import numpy as np
+    import torch
+
+    from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes
+    from mezo_vllm.config import TuneConfig
+    from mezo_vllm.estimator import learning_rate
+    from mezo_vllm.model import resolve_model
+    from mezo_vllm.trainer import estimator_for, step_seed
+
+    cfg = TuneConfig(out=str(tmp_path), task="sst2", steps=8, directions=2, normalise=3)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_json()))
+    theta = LoraAdapter.init(LoraSpec(), model_linear_shapes(resolve_model(None)), seed=0)
+    estimator, rng, iterates, lines = estimator_for(cfg), np.random.default_rng(0), [], []
+    for step in range(cfg.steps):
+        seeds, grads = [step_seed(0, step, k) for k in range(2)], rng.normal(size=2).tolist()
+        lr = learning_rate(cfg.lr, cfg.lr_schedule, step, cfg.steps)
+        if step == 5:
+            lines.append({"step": step, "seeds": seeds, "grads": [math.nan, grads[1]], "lr": lr, "skipped": True})
+        else:
+            theta.apply(estimator.update(estimator.directions(step, seeds), grads, lr))
+            lines.append({"step": step, "seeds": seeds, "grads": grads, "lr": lr})
+        iterates.append(theta.copy())
+    (tmp_path / "trajectory.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    theta.save(tmp_path / "adapter", "base")
+    for k in (1, 4, 8):
+        mean = study.tail_average(tmp_path, k).tensors
+        expected = {key: sum(it.tensors[key] for it in iterates[-k:]) / k for key in mean}
+        assert max((mean[key] - expected[key]).abs().max().item() for key in mean) < 1e-6
+        moved = max((mean[key] - theta.tensors[key]).abs().max().item() for key in mean)
+        assert (moved == 0.0) if k == 1 else (moved > 1e-3)
