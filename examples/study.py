@@ -475,16 +475,14 @@ def tail_average(run: Path, window: int):
     (the normaliser's window, momentum's), so no iterate needs to have been kept."""
     from mezo_vllm.adapter import LoraAdapter, Update
     from mezo_vllm.config import TuneConfig
-    from mezo_vllm.estimator import step_grads
+    from mezo_vllm.estimator import finite_steps, step_grads
     from mezo_vllm.trainer import estimator_for
 
     cfg = TuneConfig.from_json(json.loads((run / "config.json").read_text()))
     if cfg.weight_decay:
         raise click.ClickException(f"{run}: --weight-decay {cfg.weight_decay}: the mean is only a sum of updates without decay")
     estimator, terms = estimator_for(cfg), []
-    for record in _trajectory(run):
-        if record.get("skipped"):
-            continue
+    for record in finite_steps(_trajectory(run)):
         seeds, grads = step_grads(record)
         update = estimator.update(estimator.directions(record["step"], seeds), grads, record["lr"])
         weight = max(0, record["step"] - cfg.steps + window) / window

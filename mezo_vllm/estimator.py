@@ -86,6 +86,12 @@ class Estimator(Protocol):
         """Rebuild any state from a resumed run's trajectory lines (steps taken so far)."""
 
 
+def finite_steps(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trajectory lines of the steps that moved θ: a skipped (non-finite) step did not, and
+    enters no rule's state."""
+    return [record for record in records if not record.get("skipped")]
+
+
 def step_grads(record: dict[str, Any]) -> tuple[list[int], list[float]]:
     """(seeds, g's) of a trajectory line (one direction: `seed`, `g`; n: `seeds`, `grads`)."""
     if "seeds" in record:
@@ -151,9 +157,8 @@ class ZOSGD:
     def restore(self, records: Sequence[dict[str, Any]]) -> None:
         """ZO-SGD's only state is the normaliser's window: the g's of the last K steps taken."""
         self._recent.clear()
-        taken = [step_grads(record)[1] for record in records if not record.get("skipped")]
-        for grads in taken[-self.normalise:] if self.normalise else ():
-            self._normalised(grads)
+        for record in finite_steps(records)[-self.normalise:] if self.normalise else ():
+            self._normalised(step_grads(record)[1])
 
 
 @dataclass
@@ -174,15 +179,6 @@ class Momentum(ZOSGD):
         super().__post_init__()
         self._history = deque(maxlen=self.window)
 
-    def _taken(self, records: Sequence[dict[str, Any]]) -> list[tuple[list[Direction], list[float]]]:
-        """(directions, g's) of the steps a resumed run took, skipped steps left out."""
-        taken = []
-        for record in records:
-            if not record.get("skipped"):
-                seeds, grads = step_grads(record)
-                taken.append((self.directions(record["step"], seeds), grads))
-        return taken
-
     def _remember(self, directions: Sequence[Direction], grads: Sequence[float]) -> None:
         n = len(directions)
         self._history.appendleft([(d, g / n) for d, g in zip(directions, self._normalised(grads))])
@@ -197,8 +193,9 @@ class Momentum(ZOSGD):
     def restore(self, records: Sequence[dict[str, Any]]) -> None:
         self._history.clear()
         self._recent.clear()
-        for directions, grads in self._taken(records):
-            self._remember(directions, grads)
+        for record in finite_steps(records):
+            seeds, grads = step_grads(record)
+            self._remember(self.directions(record["step"], seeds), grads)
 
 
 @dataclass

@@ -168,7 +168,6 @@ def test_tail_average_is_the_mean_of_the_last_adapters(tmp_path):
     mean of the iterates kept along the way: --normalise's window is rebuilt in order, and a
     skipped (non-finite) step moves nothing."""
     import numpy as np
-    import torch
 
     from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes
     from mezo_vllm.config import TuneConfig
