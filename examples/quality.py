@@ -12,7 +12,8 @@ Each stage is its own command, so a long budget can be spent in short sittings (
     python examples/quality.py eval-first-order --task sst2 ...  # its adapters on the test split
     python examples/quality.py defaults --task rte --seeds 0,1,2 # the library's defaults, with seeds
     python examples/quality.py score-run --task squad runs/quality/squad-lr2e-3-s0  # any run's adapters
-    python examples/quality.py report                            # table, SST-2 curves, estimator plot
+    python examples/quality.py zero-shot --task sst2             # the base model alone
+    python examples/quality.py report                            # tables, the defaults' plot, SST-2 curves, estimators
     python examples/quality.py all                               # everything, in order
 
 A MeZO run that is interrupted (Ctrl-C, `timeout -s INT`) keeps its checkpoint; the next `mezo`
@@ -21,6 +22,7 @@ call resumes it exactly. Results land in runs/quality/ (one JSON per task and me
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import resource
 import subprocess
@@ -180,6 +182,26 @@ def defaults_config(task: str, seed: int):
     return TuneConfig(out=str(OUT / f"{task}-defaults-s{seed}"), task=task, seed=seed, **extra)
 
 
+def _zero_shot(engine: Any, task: str, split: Any) -> dict[str, Any]:
+    """The base model's test metric (results/TASK-zero-shot.json), measured once per task."""
+    zero = _load(f"{task}-zero-shot") or {"zero_shot": _metric(engine, split, None),
+                                           "test_examples": len(split.by_example)}
+    _save(f"{task}-zero-shot", zero)
+    return zero
+
+
+@main.command("zero-shot")
+@click.option("--task", "tasks", multiple=True, type=click.Choice(TASKS), required=True)
+def zero_shot(tasks: Sequence[str]) -> None:
+    """The base model's test metric, in the engine `defaults` scores with (e.g. for a task whose
+    runs of the defaults came from examples/study.py)."""
+    from mezo_vllm.platform_policy import engine_dtype
+
+    engine = _engine(1, engine_dtype("auto", "vllm"))
+    for task in tasks:
+        click.echo(f"{task}: zero-shot {_zero_shot(engine, task, _test_split(task, engine.tokenizer))['zero_shot']:.4f}")
+
+
 @main.command()
 @click.option("--task", "tasks", multiple=True, type=click.Choice(TASKS), required=True)
 @click.option("--seeds", default="0,1,2", show_default=True, help="comma-separated seeds")
@@ -194,9 +216,7 @@ def defaults(tasks: Sequence[str], seeds: str) -> None:
     engine = _engine(TuneConfig(out="").directions, engine_dtype("auto", "vllm"))
     for task in tasks:
         split = _test_split(task, engine.tokenizer)
-        zero = _load(f"{task}-zero-shot") or {"zero_shot": _metric(engine, split, None),
-                                               "test_examples": len(split.by_example)}
-        _save(f"{task}-zero-shot", zero)
+        zero = _zero_shot(engine, task, split)
         for seed in (int(x) for x in seeds.split(",")):
             name = f"{task}-defaults-s{seed}"
             if "test" in (_load(name) or {}):
@@ -210,21 +230,104 @@ def defaults(tasks: Sequence[str], seeds: str) -> None:
             click.echo(f"{name}: zero-shot {zero['zero_shot']:.4f}, MeZO-LoRA {record['test']:.4f}")
 
 
-def defaults_table() -> str:
-    """Mean ± std over the seeds of each task's `defaults` runs."""
-    rows = ["| task | metric | test examples | zero-shot | MeZO-LoRA, defaults (mean ± std) | seeds | "
-            "wall time a run |", "|---|---|---|---|---|---|---|"]
+STUDY_DEFAULTS = "review-n4-norm-25-lr-8e-3"  # examples/study.py's setting equal to `tune --task sst2`
+
+
+@dataclasses.dataclass
+class DefaultsRow:
+    """One task's measurements of the defaults, a value per seed."""
+
+    task: str
+    examples: int
+    zero_shot: float | None
+    final: list[float]
+    best: list[float]
+    minutes: list[float]
+    first_order: list[float]
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def defaults_rows(results: Path, study: Path) -> list[DefaultsRow]:
+    """Each task's runs of the defaults: `defaults`' results and `score-run`'s best/ scores in
+    `results`. SST-2's are the study's runs of the same setting (`study`/STUDY_DEFAULTS-s*.json),
+    which were run before the `defaults` command existed."""
+    rows = []
     for task in TASKS:
-        runs = [r for r in (_load(p.stem) for p in sorted((OUT / "results").glob(f"{task}-defaults-s*.json")))
-                if r and "test" in r]
+        if task == "sst2":
+            runs = [r for r in map(_json, sorted(study.glob(f"{STUDY_DEFAULTS}-s*.json"))) if r.get("status") == "done"]
+            final, best = [r["test_accuracy"] for r in runs], [r["test_accuracy_best"] for r in runs]
+            minutes = [r["wall_s"] / 60 for r in runs]
+        else:
+            runs = [r for r in map(_json, sorted(results.glob(f"{task}-defaults-s*.json"))) if "test" in r]
+            final, minutes = [r["test"] for r in runs], [r["train_s"] / 60 for r in runs]
+            scored = [results / f"{task}-defaults-s{r['seed']}-scored.json" for r in runs]
+            best = [_json(path)["test_best"] for path in scored if path.exists()]
         if not runs:
             continue
-        test, wall = np.array([r["test"] for r in runs]), np.array([r["train_s"] for r in runs])
-        spread = f" ± {test.std(ddof=1) * 100:.1f}" if len(runs) > 1 else ""
-        rows.append(f"| {task} | {'F1' if task in ('squad', 'drop') else 'accuracy'} | {runs[0]['test_examples']} | "
-                    f"{_fmt((_load(f'{task}-zero-shot') or {}).get('zero_shot'))} | {test.mean() * 100:.1f}{spread} | "
-                    f"{len(runs)} | {_minutes(float(wall.mean()))} |")
-    return "\n".join(rows)
+        zero = results / f"{task}-zero-shot.json"
+        first = [r["test"] for r in map(_json, sorted(results.glob(f"{task}-first-order*.json"))) if "test" in r]
+        rows.append(DefaultsRow(task, runs[0]["test_examples"], _json(zero)["zero_shot"] if zero.exists() else None,
+                                final, best, minutes, first))
+    return rows
+
+
+def _spread(values: Sequence[float], scale: float = 100.0) -> str:
+    """mean ± std over seeds; the mean alone for one seed."""
+    if not values:
+        return "—"
+    mean = f"{np.mean(values) * scale:.1f}"
+    return mean + (f" ± {np.std(values, ddof=1) * scale:.1f}" if len(values) > 1 else "")
+
+
+def defaults_table(rows: Sequence[DefaultsRow]) -> str:
+    lines = ["| task | metric | test examples | zero-shot | MeZO-LoRA, defaults: final | best/ | seeds | "
+             "wall time a run | first-order LoRA (seeds) |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        best = _spread(row.best) + (f" ({len(row.best)} seeds)" if len(row.best) != len(row.final) else "")
+        first = f"{_spread(row.first_order)} ({len(row.first_order)})" if row.first_order else "—"
+        lines.append(f"| {row.task} | {_metric_name(row.task)} | {row.examples} | {_fmt(row.zero_shot)} | "
+                     f"**{_spread(row.final)}** | {best} | {len(row.final)} | {_spread(row.minutes, 1.0)} min | "
+                     f"{first} |")
+    return "\n".join(lines)
+
+
+def plot_defaults(rows: Sequence[DefaultsRow], dest: Path) -> None:
+    """Bars of the means, a dot per seed: what the defaults add to zero-shot on each task, and how
+    far first-order LoRA goes where it was run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    kinds = [("zero-shot", "lightgrey", lambda r: [r.zero_shot] if r.zero_shot is not None else []),
+             ("MeZO-LoRA, defaults (final)", "tab:blue", lambda r: r.final),
+             ("MeZO-LoRA, defaults (best/)", "lightsteelblue", lambda r: r.best),
+             ("first-order LoRA", "tab:orange", lambda r: r.first_order)]
+    width = 0.8 / len(kinds)
+    for k, (label, color, values_of) in enumerate(kinds):
+        for i, row in enumerate(rows):
+            values = np.array(values_of(row)) * 100
+            if not len(values):
+                continue
+            x = i + (k - (len(kinds) - 1) / 2) * width
+            ax.bar(x, values.mean(), width, color=color, label=label,
+                   yerr=values.std(ddof=1) if len(values) > 1 else None, capsize=3)
+            ax.plot([x] * len(values), values, "k.", markersize=4)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper center", ncols=len(unique))
+    ax.set_xticks(range(len(rows)), [f"{r.task} ({_metric_name(r.task)}, {len(r.final)} seed"
+                                     f"{'s' if len(r.final) > 1 else ''})" for r in rows])
+    ax.set(ylim=(0, 115), ylabel="test metric (%): mean ± std, a dot per seed",
+           title="The defaults (`mezo-vllm tune --task T`) on each task")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- first-order LoRA
@@ -369,6 +472,10 @@ def _fmt(value: float | None, scale: float = 100.0) -> str:
     return "—" if value is None or value != value else f"{value * scale:.1f}"
 
 
+def _metric_name(task: str) -> str:
+    return "F1" if task in ("squad", "drop") else "accuracy"
+
+
 def _minutes(seconds: float | None) -> str:
     return "—" if seconds is None or seconds != seconds else f"{seconds / 60:.1f} min"
 
@@ -378,7 +485,7 @@ def table() -> str:
             "(steps, wall time, peak RSS) |", "|---|---|---|---|---|---|"]
     for task in TASKS:
         mezo, fo = _load(f"{task}-mezo") or {}, _load(f"{task}-first-order") or {}
-        metric = "F1" if task in ("squad", "drop") else "accuracy"
+        metric = _metric_name(task)
         mezo_cell = (f"{_fmt(mezo.get('mezo'))} ({mezo['steps']}, {_minutes(mezo.get('train_s'))})"
                      if "mezo" in mezo else "—")
         fo_cell = (f"{_fmt(fo.get('test'))} ({fo['steps']}, {_minutes(fo['train_s'])}, {fo['peak_rss_gib']:.2f} GiB)"
@@ -501,12 +608,20 @@ def plot_estimators(dest: Path, limit_s: float) -> None:
 @main.command()
 @click.option("--docs", type=click.Path(), default="docs", show_default=True)
 @click.option("--estimator-minutes", type=float, default=5.0, show_default=True)
-def report(docs: str, estimator_minutes: float) -> None:
-    """The markdown table (runs/quality/table.md), docs/quality-sst2-curves.png and
-    docs/estimators-sst2.png."""
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=OUT / "results",
+              show_default=True, help="the `defaults`, `score-run` and `first-order` result files")
+@click.option("--study", type=click.Path(file_okay=False, path_type=Path), default=Path("docs/study"),
+              show_default=True, help="examples/study.py's results (SST-2's runs of the defaults)")
+def report(docs: str, estimator_minutes: float, results: Path, study: Path) -> None:
+    """The markdown tables (runs/quality/table.md), docs/quality-defaults.png,
+    docs/quality-sst2-curves.png and docs/estimators-sst2.png."""
     Path(docs).mkdir(exist_ok=True)
-    text = table() + "\n\n" + defaults_table()
+    rows = defaults_rows(results, study)
+    text = table() + "\n\n" + defaults_table(rows)
+    OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "table.md").write_text(text + "\n")
+    if rows:
+        plot_defaults(rows, Path(docs) / "quality-defaults.png")
     plot_sst2_curves(Path(docs) / "quality-sst2-curves.png")
     plot_estimators(Path(docs) / "estimators-sst2.png", estimator_minutes * 60)
     click.echo(text)
