@@ -82,6 +82,12 @@ def _review(**overrides: Any) -> dict[str, Any]:
     return {**dict(task="sst2", dtype="bfloat16", directions=4, lr=4e-3, steps=300, eval_every=25), **overrides}
 
 
+def _default(**overrides: Any) -> dict[str, Any]:
+    """The defaults since 2026-12-06 (`review-n4-norm-25-lr-8e-3`: 4 directions, lr 8e-3, g
+    normalised over 25 steps) with `overrides`."""
+    return _review(lr=8e-3, normalise=25, **overrides)
+
+
 GRID: tuple[Setting, ...] = (
     Setting("base", "defaults"),
     *(Setting(f"eps-{e}", "ε", dict(eps=float(e))) for e in ("3e-3", "3e-2", "1e-1")),
@@ -151,6 +157,18 @@ GRID: tuple[Setting, ...] = (
     # --normalise slows a run whose |g| climbs (what collapsed lr 8e-3 over 1,100 steps)
     Setting("review-n4-norm-25-lr-8e-3-30min", "30 minutes, task sst2",
             _review(lr=8e-3, normalise=25, steps=1100, eval_every=50, save_every=100)),
+    # The grid's other axes, one change each from today's defaults (`review-n4-norm-25-lr-8e-3`):
+    # `python examples/study.py run --setting 'default-*'`
+    *(Setting(f"default-{name}", "the defaults, one change", _default(**change)) for name, change in (
+        ("constant", dict(lr_schedule="constant")),
+        ("cosine", dict(lr_schedule="cosine")),
+        ("warmup-30", dict(warmup_steps=30)),
+        ("all-linear", dict(targets=("all-linear",))),
+        ("sparse-0.75", dict(sparsity=0.75)),
+        ("batch-32-150-steps", dict(batch_size=32, steps=150)),  # as many forward passes
+        ("momentum", dict(estimator="momentum")),
+        ("lozo", dict(estimator="lozo")),
+    )),
 )
 BY_NAME = {s.name: s for s in GRID}
 
