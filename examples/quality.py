@@ -59,9 +59,13 @@ def _save(name: str, record: dict[str, Any]) -> None:
     (OUT / "results" / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
 def _load(name: str) -> dict[str, Any] | None:
     path = OUT / "results" / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    return _json(path) if path.exists() else None
 
 
 def _peak_rss_gib() -> float:
@@ -244,10 +248,6 @@ class DefaultsRow:
     best: list[float]
     minutes: list[float]
     first_order: list[float]
-
-
-def _json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
 
 
 def defaults_rows(results: Path, study: Path) -> list[DefaultsRow]:
