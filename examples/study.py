@@ -42,6 +42,7 @@ from typing import Any, Iterable, Sequence
 
 import click
 
+from mezo_vllm.estimator import variant_slots
 from mezo_vllm.platform_policy import native_bf16
 
 ROOT = Path("runs/study")
@@ -193,7 +194,8 @@ def config(setting: Setting, seed: int, root: Path, steps: int | None = None):
 
 def _engine_key(cfg: Any) -> tuple:
     """What an engine is started with (`trainer.start_engine`): runs that agree share one."""
-    return cfg.dtype, cfg.rank, tuple(cfg.targets), cfg.directions, cfg.max_length, cfg.compile
+    return (cfg.dtype, cfg.rank, tuple(cfg.targets), variant_slots(cfg.estimator, cfg.directions), cfg.max_length,
+            cfg.compile)
 
 
 def _load(path: Path) -> dict[str, Any] | None:

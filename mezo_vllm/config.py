@@ -113,9 +113,12 @@ class TuneConfig(ModelSettings):
     weight_decay: float = setting(0.0, "decoupled weight decay of the adapter", checks=(at_least(0), finite))
     # The update rule (estimator.py): zo-sgd, momentum (EMA of the last momentum_window
     # estimates, rebuilt from their seeds), lozo (low-rank directions, V redrawn every lozo_period
-    # steps), fzoo (--directions one-sided estimates around one unperturbed pass, std-normalised)
+    # steps), fzoo (--directions one-sided estimates around one unperturbed pass, std-normalised),
+    # curvature (the ± pairs and one unperturbed pass; g divided by the measured curvature)
     estimator: str = setting("zo-sgd", "update rule: ZO-SGD, ZO-SGD with momentum, LOZO (low-rank directions), "
-                             "FZOO (n one-sided estimates + one clean pass, normalised: its lr is a step length)",
+                             "FZOO (n one-sided estimates + one clean pass, normalised: its lr is a step length), "
+                             "curvature (the n ± pairs + one clean pass, each g divided by the curvature along the "
+                             "directions, averaged over --normalise steps: its lr is a fraction of a Newton step)",
                              choices=ESTIMATORS)
     momentum: float = setting(0.9, "--estimator momentum: β of the moving average", checks=(in_half_open(0, 1),))
     momentum_window: int = setting(16, "--estimator momentum: steps kept (their z is regenerated every step)",
@@ -124,7 +127,7 @@ class TuneConfig(ModelSettings):
     lozo_period: int = setting(50, "--estimator lozo: steps between redraws of V", checks=(at_least(1),))
     normalise: int = setting(25, "divide each g by the RMS of the g's of the last N steps (0 = off): the lr "
                              "then sets the step's length whatever the loss's scale (fzoo normalises its own way and "
-                             "ignores it)", checks=(at_least(0),))
+                             "ignores it; curvature averages its curvature over N steps instead)", checks=(at_least(0),))
     # Which part of the adapter a direction perturbs (adapter.Masked), for every update rule
     sparsity: float = setting(0.0, "Sparse-MeZO: share of each tensor's entries a direction leaves out, "
                               "chosen from its seed (0 = dense)", checks=(in_half_open(0, 1),))

@@ -14,8 +14,11 @@ master copy can apply by regenerating z (see `adapter.Update`). So no rule here 
   while, which lowers the estimate's variance for the same number of forward passes.
 - `FZOO` (Dang et al., ICLR 2026): n one-sided estimates sharing one unperturbed pass (n + 1
   variants instead of 2n), each divided by the spread of the n perturbed losses.
+- `Curvature`: the ± pairs plus one unperturbed pass (2n + 1 variants), the clean-pass
+  preconditioning of 1.5-SPSA: the three losses along z also give the curvature zᵀHz, and each
+  g is divided by its recent mean, a Newton step along the directions.
 
-Every rule but FZOO (normalised its own way) can divide its g's by their recent RMS (`normalise`):
+Every rule but FZOO and Curvature (normalised their own ways) can divide its g's by their recent RMS (`normalise`):
 the step's length is then set by lr alone, whatever the loss's scale, so one lr fits a
 two-option cross-entropy (|g| ≈ 1) and a generated answer's NLL (|g| 3-15) alike.
 
@@ -43,7 +46,7 @@ def projected_gradient(loss_plus: float, loss_minus: float, eps: float) -> float
 
 
 SCHEDULES = ("constant", "linear", "cosine")
-ESTIMATORS = ("zo-sgd", "momentum", "lozo", "fzoo")
+ESTIMATORS = ("zo-sgd", "momentum", "lozo", "fzoo", "curvature")
 
 
 def learning_rate(lr: float, schedule: str, step: int, steps: int, warmup: int = 0) -> float:
@@ -254,6 +257,81 @@ class FZOO(ZOSGD):
         return list(grads)
 
 
+@dataclass
+class Curvature(ZOSGD):
+    """ZO-SGD preconditioned by the curvature measured along its own directions.
+
+    A step scores θ and the n pairs θ ± εzᵢ (2n + 1 variants, one engine call: the clean pass
+    1.5-SPSA adds to SPSA's pairs). From the three losses along zᵢ come the slope
+    gᵢ = (L₊ − L₋)/2ε and the curvature hᵢ = (L₊ + L₋ − 2L₀)/ε² = zᵢᵀHzᵢ + O(ε²) (exact on a
+    quadratic). Each g is divided by H̄, the mean of the step curvatures H = mean hᵢ over the
+    last K = `normalise` steps (this one included; K = 0: this step's alone), so the update
+    θ ← θ − (lr/n)·Σ (gᵢ/H̄)·zᵢ is, for n = 1 and lr = 1, the minimum of the quadratic model
+    along z: lr is a fraction of a Newton step, with no scale of its own. A high-dimensional
+    Gaussian z has zᵀHz ≈ tr H, so H̄ tracks the sharpening of the loss as |g| does for
+    `normalise` on ZO-SGD, but with the scale a step along z can bear. Only scalars are kept:
+    the last K step curvatures, rebuilt on resume from the losses the trajectory keeps. A
+    window mean that is not positive (noise or a concave stretch) gives no step: it is skipped.
+
+    The logged g's are gᵢ/H̄, so an update replays from them alone (as FZOO's ĝ).
+    """
+
+    _curvatures: deque = field(default_factory=deque, init=False, repr=False)  # ε²H of the last K steps
+    _pending: float | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._curvatures = deque(maxlen=max(self.normalise, 1))
+
+    def variants(self, directions: Sequence[Direction], eps: float) -> list[tuple[Direction, float]]:
+        return [(directions[0], 0.0), *super().variants(directions, eps)]
+
+    @staticmethod
+    def second_difference(losses: Sequence[float]) -> float:
+        """ε²H of a step: the mean of L₊ + L₋ − 2L₀ over its directions. The window keeps these,
+        not H, so a resumed run rebuilds it from the logged losses alone (ε is the run's)."""
+        clean, pairs = losses[0], losses[1:]
+        return float(np.mean([pairs[2 * k] + pairs[2 * k + 1] - 2.0 * clean for k in range(len(pairs) // 2)]))
+
+    def estimates(self, losses: Sequence[float], eps: float) -> list[float]:
+        """gᵢ/H̄; H̄ takes this step's H in only if `update` follows (a skipped step leaves no trace)."""
+        grads = super().estimates(losses[1:], eps)
+        step = self.second_difference(losses)
+        kept = list(self._curvatures)
+        if len(kept) == self._curvatures.maxlen:
+            kept = kept[1:]  # the oldest leaves as this step's joins
+        mean = float(np.mean([*kept, step])) / eps ** 2
+        if not (math.isfinite(mean) and mean > 0.0):
+            self._pending = None
+            return [math.nan] * len(grads)
+        self._pending = step
+        return [g / mean for g in grads]
+
+    def loss_record(self, losses: Sequence[float]) -> dict[str, Any]:
+        """L(θ) and every pair's losses: the curvatures (and so the g's) replay from them."""
+        return {"loss": losses[0], "losses_plus": list(losses[1::2]), "losses_minus": list(losses[2::2])}
+
+    def _normalised(self, grads: Sequence[float]) -> list[float]:
+        """The g's are divided by H̄ already; the step's H joins the window as it is taken."""
+        if self._pending is not None:
+            self._curvatures.append(self._pending)
+            self._pending = None
+        return list(grads)
+
+    def restore(self, records: Sequence[dict[str, Any]]) -> None:
+        self._curvatures.clear()
+        self._pending = None
+        for record in finite_steps(records)[-self._curvatures.maxlen:]:
+            pairs = [loss for pair in zip(record["losses_plus"], record["losses_minus"]) for loss in pair]
+            self._curvatures.append(self.second_difference([record["loss"], *pairs]))
+
+
+def variant_slots(estimator: str, directions: int) -> int:
+    """The LoRA slots a step of `estimator` fills: 2n (pairs; FZOO's n + 1 fit), 2n + 1 with the
+    clean pass of `curvature`."""
+    return 2 * directions + (estimator == "curvature")
+
+
 def make_estimator(name: str, weight_decay: float = 0.0, momentum: float = 0.9, window: int = 16,
                    lozo_rank: int = 2, lozo_period: int = 50, seed: int = 0, sparsity: float = 0.0,
                    b_only: bool = False, normalise: int = 0) -> Estimator:
@@ -265,6 +343,8 @@ def make_estimator(name: str, weight_decay: float = 0.0, momentum: float = 0.9, 
         return LOZO(weight_decay, rank=lozo_rank, period=lozo_period, seed=seed, **masks)
     if name == "fzoo":
         return FZOO(weight_decay, **masks)
+    if name == "curvature":
+        return Curvature(weight_decay, **masks)
     if name == "zo-sgd":
         return ZOSGD(weight_decay, **masks)
     raise ValueError(f"unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}")

@@ -38,7 +38,7 @@ from .data import (
 )
 from .data.types import held_warnings
 from .errors import EngineStartError
-from .estimator import Estimator, learning_rate, make_estimator
+from .estimator import Estimator, learning_rate, make_estimator, variant_slots
 from .evaluation import evaluate, generation_scores
 from .outputs import RunOutputs, dev_lines, format_summary
 from .preflight import (
@@ -214,7 +214,7 @@ def start_engine(cfg: TuneConfig, model_dir: str, adapter: LoraAdapter) -> Scori
     from .engine import EngineConfig, VllmEngine
 
     config = EngineConfig(model=model_dir, dtype=dtype, max_model_len=cfg.max_length,
-                          n_variants=2 * cfg.directions, seed=cfg.seed, fast=cfg.fast, compile=cfg.compile,
+                          n_variants=variant_slots(cfg.estimator, cfg.directions), seed=cfg.seed, fast=cfg.fast, compile=cfg.compile,
                           trust_remote_code=cfg.trust_remote_code,
                           tensor_parallel_size=cfg.tensor_parallel_size,
                           pipeline_parallel_size=cfg.pipeline_parallel_size)

@@ -25,9 +25,11 @@ from mezo_vllm.estimator import (
     FZOO,
     LOZO,
     ZOSGD,
+    Curvature,
     Momentum,
     learning_rate,
     make_estimator,
+    variant_slots,
 )
 from mezo_vllm.model import resolve_model
 from mezo_vllm.trainer import tune
@@ -247,6 +249,52 @@ def test_fzoo_is_normalised_sgd_on_a_quadratic():
     assert all(math.isnan(g) for g in FZOO().estimates([1.0, 2.0, 2.0], eps))  # σ = 0: a skipped step
 
 
+def _curvature_along(loss: _Quadratic, z: dict[str, torch.Tensor]) -> float:
+    return float(sum((loss.curvature[k] * z[k] ** 2).sum() for k in z))
+
+
+def test_curvature_divides_g_by_the_measured_curvature_on_a_quadratic():
+    """Oracle: on a quadratic the three losses along z give ∇L·z and zᵀDz exactly (up to the
+    fp32 variants), so each logged g is ∇L·zᵢ over the mean of zⱼᵀDzⱼ, for one direction and
+    lr 1 the step lands on the minimum along z (the slope along z vanishes there), and with a
+    window the divisor is the mean over the last K taken steps; a step whose mean curvature is
+    not positive is skipped and leaves the window as it was."""
+    eps, adapter = 1e-2, _small_adapter()
+    loss = _Quadratic(adapter)
+    rule = Curvature()
+    directions = rule.directions(0, [21, 22, 23])
+    writes = rule.variants(directions, eps)
+    assert writes == [(21, 0.0), (21, eps), (21, -eps), (22, eps), (22, -eps), (23, eps), (23, -eps)]
+    assert variant_slots("curvature", 3) == len(writes) and variant_slots("zo-sgd", 3) == 6
+    losses = [loss(v) for v in adapter.variants(writes)]
+    grad, zs = loss.gradient(adapter.tensors), [_z(d, adapter) for d in directions]
+    mean_curvature = float(np.mean([_curvature_along(loss, z) for z in zs]))
+    assert rule.estimates(losses, eps) == pytest.approx([_dot(grad, z) / mean_curvature for z in zs], rel=1e-3)
+
+    newton = Curvature()
+    [d] = newton.directions(0, [31])
+    g = newton.estimates([loss(v) for v in adapter.variants(newton.variants([d], eps))], eps)
+    moved = adapter.copy()
+    moved.apply(newton.update([d], g, lr=1.0))
+    z = _z(d, adapter)
+    assert abs(_dot(loss.gradient(moved.tensors), z)) < 1e-3 * abs(_dot(grad, z))
+
+    windowed, seen = Curvature(normalise=2), []
+    for step, seed in enumerate([41, 42, 43]):
+        [d] = windowed.directions(step, [seed])
+        step_losses = [loss(v) for v in adapter.variants(windowed.variants([d], eps))]
+        seen.append(_curvature_along(loss, _z(d, adapter)))
+        g = windowed.estimates(step_losses, eps)
+        assert g[0] == pytest.approx(_dot(grad, _z(d, adapter)) / np.mean(seen[-2:]), rel=1e-3)
+        windowed.update([d], g, lr=0.0)
+    probe = windowed.estimates(step_losses, eps)
+    assert probe[0] == pytest.approx(_dot(grad, _z(d, adapter)) / seen[-1], rel=1e-3)  # H of step 3, twice
+    assert all(math.isnan(g) for g in Curvature().estimates([1.0, 0.5, 0.5], eps))  # L₊ + L₋ − 2L₀ < 0
+    assert all(math.isnan(g) for g in windowed.estimates([1.0, 1.0 - 1e3 * eps ** 2, 1.0 - 1e3 * eps ** 2], eps))
+    windowed.update([d], probe, lr=0.0)  # the skipped step's H did not join the window
+    assert windowed.estimates(step_losses, eps) == probe
+
+
 def test_sparse_directions_move_only_their_seeded_entries():
     """A Masked direction perturbs and updates the same seeded share of entries (the ± pair and
     the update regenerate it), keeps the dense z there, and its two-sided g is ∇L·z of the
@@ -281,10 +329,11 @@ def test_sparse_directions_move_only_their_seeded_entries():
 
 
 def _replay(records: list[dict], options: dict) -> dict[str, torch.Tensor]:
-    """θ from the trajectory alone, in float64: FZOO's ĝ recomputed from the logged losses."""
+    """θ from the trajectory alone, in float64: FZOO's ĝ and Curvature's g/H̄ recomputed from the
+    logged losses."""
     replay = LoraAdapter.init(LoraSpec(), model_linear_shapes(resolve_model(None)), seed=0)
     theta = {k: v.double() for k, v in replay.tensors.items()}
-    window = options.get("normalise", 0)
+    window = options.get("normalise", 0) if options["estimator"] == "zo-sgd" else 0  # the others: their own
     for i, r in enumerate(records):
         seeds, grads = (r["seeds"], r["grads"]) if "seeds" in r else ([r["seed"]], [r["g"]])
         if window:
@@ -293,6 +342,11 @@ def _replay(records: list[dict], options: dict) -> dict[str, torch.Tensor]:
         if options["estimator"] == "fzoo":
             sigma = float(np.std(r["losses"]))
             assert grads == [(loss - r["loss"]) / sigma for loss in r["losses"]]
+        elif options["estimator"] == "curvature":
+            kept = records[max(0, i + 1 - options["normalise"]):i + 1]
+            curvature = np.mean([np.mean([p + m - 2 * q["loss"] for p, m in zip(q["losses_plus"], q["losses_minus"])])
+                                 for q in kept]) / 1e-2 ** 2
+            assert grads == pytest.approx([(p - m) / 2e-2 / curvature for p, m in zip(r["losses_plus"], r["losses_minus"])])
         else:
             assert grads[0] == pytest.approx((r["loss_plus"] - r["loss_minus"]) / 2e-2)
         masked = options.get("sparsity", 0.0) or options.get("train_only")
@@ -309,7 +363,8 @@ def _replay(records: list[dict], options: dict) -> dict[str, torch.Tensor]:
                                      dict(estimator="fzoo", directions=2, sparsity=0.5, train_only="B",
                                           lr_schedule="cosine", warmup_steps=3),
                                      dict(estimator="zo-sgd", directions=1, sparsity=0.9, lr_schedule="linear"),
-                                     dict(estimator="zo-sgd", directions=2, normalise=5, lr=1e-2)])
+                                     dict(estimator="zo-sgd", directions=2, normalise=5, lr=1e-2),
+                                     dict(estimator="curvature", directions=2, normalise=3, lr=0.3)])
 def test_new_rules_resume_exactly_and_replay(tmp_path, tokenizer, options):
     """As for the stateful rules: crash at step 9 (checkpoint at 8), resume, bitwise the
     uninterrupted run (--normalise rebuilds its window of g's from the trajectory); a float64
@@ -370,6 +425,7 @@ def test_new_settings_are_checked():
     fzoo = make_estimator("fzoo", normalise=2)  # σ-normalised already: --normalise leaves its steps alone
     assert isinstance(fzoo, FZOO)
     assert all(fzoo.update([1, 2], grads, 0.1) == FZOO().update([1, 2], grads, 0.1) for grads in ([1.0, 3.0], [10.0, -2.0]))
+    assert isinstance(make_estimator("curvature", normalise=4), Curvature)
     assert make_estimator("lozo", sparsity=0.5).directions(0, [1])[0].sparsity == 0.5
     assert make_estimator("momentum", b_only=True).directions(0, [1]) == [Masked(1, 0.0, True)]
     for bad, message in [({"estimator": "fzoo", "directions": 1}, "--estimator fzoo .* needs --directions ≥ 2"),

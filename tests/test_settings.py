@@ -34,7 +34,7 @@ TUNE = {
     "--overwrite": (False, "boolean"), "--targets": ("q_proj,v_proj", "text"), "--rank": (8, "integer"),
     "--alpha": (16.0, "float"), "--lr": (0.008, "float"), "--lr-schedule": ("linear", ("constant", "linear", "cosine")),
     "--eps": (0.01, "float"), "--batch-size": (16, "integer"), "--steps": (300, "integer"),
-    "--directions": (4, "integer"), "--estimator": ("zo-sgd", ("zo-sgd", "momentum", "lozo", "fzoo")),
+    "--directions": (4, "integer"), "--estimator": ("zo-sgd", ("zo-sgd", "momentum", "lozo", "fzoo", "curvature")),
     "--momentum": (0.9, "float"), "--momentum-window": (16, "integer"), "--lozo-rank": (2, "integer"),
     "--lozo-period": (50, "integer"), "--normalise": (25, "integer"), "--objective": ("loss", ("loss", "f1")), "--seed": (0, "integer"),
     "--weight-decay": (0.0, "float"), "--dtype": ("auto", ("float32", "bfloat16", "float16", "auto")),
