@@ -14,9 +14,9 @@ master copy can apply by regenerating z (see `adapter.Update`). So no rule here 
   while, which lowers the estimate's variance for the same number of forward passes.
 - `FZOO` (Dang et al., ICLR 2026): n one-sided estimates sharing one unperturbed pass (n + 1
   variants instead of 2n), each divided by the spread of the n perturbed losses.
-- `Curvature`: the ± pairs plus one unperturbed pass (2n + 1 variants), the clean-pass
-  preconditioning of 1.5-SPSA: the three losses along z also give the curvature zᵀHz, and each
-  g is divided by its recent mean, a Newton step along the directions.
+- `Curvature`: the ± pairs plus one unperturbed pass (2n + 1 variants), a clean-pass
+  preconditioner after 1.5-SPSA's: the three losses along z also give the curvature zᵀHz, and
+  each g is divided by its recent mean, a Newton step along the directions.
 
 Every rule but FZOO and Curvature (normalised their own ways) can divide its g's by their recent RMS (`normalise`):
 the step's length is then set by lr alone, whatever the loss's scale, so one lr fits a
@@ -261,8 +261,10 @@ class FZOO(ZOSGD):
 class Curvature(ZOSGD):
     """ZO-SGD preconditioned by the curvature measured along its own directions.
 
-    A step scores θ and the n pairs θ ± εzᵢ (2n + 1 variants, one engine call: the clean pass
-    1.5-SPSA adds to SPSA's pairs). From the three losses along zᵢ come the slope
+    A step scores θ and the n pairs θ ± εzᵢ (2n + 1 variants, one engine call). 1.5-SPSA
+    (Chaubard et al., 2026) preconditions with one clean forward pass; its paper was not
+    reachable offline, so this is the preconditioner those losses give, not a transcription of
+    its update. From the three losses along zᵢ come the slope
     gᵢ = (L₊ − L₋)/2ε and the curvature hᵢ = (L₊ + L₋ − 2L₀)/ε² = zᵢᵀHzᵢ + O(ε²) (exact on a
     quadratic). Each g is divided by H̄, the mean of the step curvatures H = mean hᵢ over the
     last K = `normalise` steps (this one included; K = 0: this step's alone), so the update
