@@ -107,7 +107,8 @@ class TuneConfig(ModelSettings):
                               checks=(above(0),))
     steps: int = setting(300, "MeZO steps; a resumed run may raise it", aliases=("--max_steps",),
                          checks=(above(0),), on_resume=OnResume.MAY_CHANGE)
-    directions: int = setting(4, "n-SPSA: average this many ±εz estimates per step (2n LoRA slots, one engine call)",
+    directions: int = setting(4, "n-SPSA: average this many ±εz estimates per step (2n LoRA slots, 2n + 1 "
+                                 "with --estimator curvature; one engine call)",
                               checks=(above(0),))
     seed: int = setting(0, "seed of the adapter's initialisation, the batches and the directions z")
     weight_decay: float = setting(0.0, "decoupled weight decay of the adapter", checks=(at_least(0), finite))
