@@ -248,6 +248,8 @@ class DefaultsRow:
     best: list[float]
     minutes: list[float]
     first_order: list[float]
+    first_order_minutes: list[float]  # training time a run, model load excluded
+    first_order_steps: list[int]  # the step budgets of its runs (one, unless they differ)
 
 
 def defaults_rows(results: Path, study: Path) -> list[DefaultsRow]:
@@ -268,9 +270,10 @@ def defaults_rows(results: Path, study: Path) -> list[DefaultsRow]:
         if not runs:
             continue
         zero = results / f"{task}-zero-shot.json"
-        first = [r["test"] for r in map(_json, sorted(results.glob(f"{task}-first-order*.json"))) if "test" in r]
+        first = [r for r in map(_json, sorted(results.glob(f"{task}-first-order*.json"))) if "test" in r]
         rows.append(DefaultsRow(task, runs[0]["test_examples"], _json(zero)["zero_shot"] if zero.exists() else None,
-                                final, best, minutes, first))
+                                final, best, minutes, [r["test"] for r in first], [r["train_s"] / 60 for r in first],
+                                sorted({r["steps"] for r in first})))
     return rows
 
 
@@ -284,10 +287,13 @@ def _spread(values: Sequence[float], scale: float = 100.0) -> str:
 
 def defaults_table(rows: Sequence[DefaultsRow]) -> str:
     lines = ["| task | metric | test examples | zero-shot | MeZO-LoRA, defaults: final | best/ | seeds | "
-             "wall time a run | first-order LoRA (seeds) |", "|---|---|---|---|---|---|---|---|---|"]
+             "wall time a run | first-order LoRA (seeds; steps, wall time a run) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         best = _spread(row.best) + (f" ({len(row.best)} seeds)" if len(row.best) != len(row.final) else "")
-        first = f"{_spread(row.first_order)} ({len(row.first_order)})" if row.first_order else "—"
+        steps = "/".join(map(str, row.first_order_steps))
+        first = (f"{_spread(row.first_order)} ({len(row.first_order)}; {steps} steps, "
+                 f"{_spread(row.first_order_minutes, 1.0)} min)" if row.first_order else "—")
         lines.append(f"| {row.task} | {_metric_name(row.task)} | {row.examples} | {_fmt(row.zero_shot)} | "
                      f"**{_spread(row.final)}** | {best} | {len(row.final)} | {_spread(row.minutes, 1.0)} min | "
                      f"{first} |")

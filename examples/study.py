@@ -171,8 +171,8 @@ GRID: tuple[Setting, ...] = (
         ("lozo", dict(estimator="lozo")),
     )),
     # The clean-pass curvature rule needs fp32 (in bf16 at ε 1e-2 its second difference is
-    # rounding; at ε 1e-1 the slopes double: third-order terms), which costs 2× the step here, so
-    # half the steps for the same 10 minutes. Probe at θ₀ (8 steps, fp32, ε 1e-2): mean step
+    # rounding; at ε 1e-1 g no longer follows the slope: bf16_fidelity.py), which costs 2× the
+    # step here, so half the steps for the same 10 minutes. Probe at θ₀ (8 steps, fp32, ε 1e-2): mean step
     # curvature 32, RMS g 0.65, so lr 0.4 takes the defaults' first step length (8e-3·g/RMS).
     *(Setting(f"curvature-fp32-150-steps-lr-{lr}", "update rule, fp32, 10 minutes",
               _default(estimator="curvature", dtype="float32", steps=150, lr=float(lr))) for lr in ("0.4", "0.8")),

@@ -278,7 +278,8 @@ class Curvature(ZOSGD):
     The logged g's are gᵢ/H̄, so an update replays from them alone (as FZOO's ĝ).
 
     The second difference needs precise losses: in bf16 at ε 1e-2 it is mostly rounding (SST-2:
-    step H from −225 to 170 around a mean of 2, docs/results.md), so use fp32 or ε ≥ 1e-1.
+    step H from −225 to 170 around a mean of 2; fp32: 32, docs/results.md), so use fp32. A larger
+    ε is no way out: at 1e-1, LoRA's ε²·z_B z_A term makes g uncorrelated with the slope.
     """
 
     _curvatures: deque = field(default_factory=deque, init=False, repr=False)  # ε²H of the last K steps

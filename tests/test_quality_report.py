@@ -26,8 +26,9 @@ def test_defaults_rows_join_each_seeds_best_and_read_sst2_from_the_study(tmp_pat
         if best is not None:
             _write(results, f"rte-defaults-s{seed}-scored", test_adapter=final, test_best=best)
     _write(results, "rte-defaults-s3", seed=3, train_s=60.0, test_examples=77)  # stopped: no test score yet
-    _write(results, "sst2-first-order", test=0.9, train_s=300.0)
-    _write(results, "sst2-first-order-s1", test=0.8, train_s=300.0)
+    _write(results, "sst2-first-order", test=0.9, train_s=300.0, steps=300)
+    _write(results, "sst2-first-order-s1", test=0.8, train_s=360.0, steps=300)
+    _write(results, "sst2-first-order-s2", train_s=300.0, steps=300)  # not scored yet
     for seed, status in ((0, "done"), (1, "done"), (2, "diverged")):
         _write(study, f"{quality.STUDY_DEFAULTS}-s{seed}", status=status, test_accuracy=0.8 + seed / 10,
                test_accuracy_best=0.7, wall_s=480.0, test_examples=272)
@@ -40,6 +41,7 @@ def test_defaults_rows_join_each_seeds_best_and_read_sst2_from_the_study(tmp_pat
     assert rows["rte"].final == [0.40, 0.50, 0.60] and rows["rte"].best == [0.60, 0.30]
     assert rows["rte"].minutes == [10.0, 20.0, 30.0] and rows["rte"].zero_shot == 0.5
     assert rows["sst2"].final == [0.8, 0.9] and sorted(rows["sst2"].first_order) == [0.8, 0.9]
+    assert sorted(rows["sst2"].first_order_minutes) == [5.0, 6.0] and rows["sst2"].first_order_steps == [300]
     table = quality.defaults_table(list(rows.values()))
     assert "| rte | accuracy | 77 | 50.0 | **50.0 ± 10.0** | 45.0 ± 21.2 (2 seeds) | 3 | 20.0 ± 10.0 min | — |" in table
-    assert "| sst2 | accuracy | 272 | — | **85.0 ± 7.1** | 70.0 ± 0.0 | 2 | 8.0 ± 0.0 min | 85.0 ± 7.1 (2) |" in table
+    assert "| sst2 | accuracy | 272 | — | **85.0 ± 7.1** | 70.0 ± 0.0 | 2 | 8.0 ± 0.0 min | 85.0 ± 7.1 (2; 300 steps, 5.5 ± 0.7 min) |" in table
