@@ -74,5 +74,6 @@ def main() -> None:
         print(f"| {eps} | {np.corrcoef(a, b)[0, 1]:.3f} | {rel:.3f} | {np.corrcoef(a, slope)[0, 1]:.3f} | {off:.3f} | "
               f"{np.corrcoef(b, slope)[0, 1]:.3f} | {np.median(np.abs(a)):.3f} |")
 
+
 if __name__ == "__main__":
     main()
