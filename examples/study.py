@@ -169,6 +169,10 @@ GRID: tuple[Setting, ...] = (
         ("batch-32-150-steps", dict(batch_size=32, steps=150)),  # as many forward passes
         ("momentum", dict(estimator="momentum")),
         ("lozo", dict(estimator="lozo")),
+        ("eps-3e-2", dict(eps=3e-2)),  # less bf16 rounding, but g strays from the slope (bf16_fidelity.py)
+        # MeZO's lr cap grows as the perturbed entries d shrink: rank 1 has 1/8 of them, B only 1/2
+        ("r1-lr-x4", dict(rank=1, alpha=2.0, lr=3.2e-2)),
+        ("b-only-lr-x2", dict(train_only="B", lr=1.6e-2)),
     )),
     # The clean-pass curvature rule needs fp32 (in bf16 at ε 1e-2 its second difference is
     # rounding; at ε 1e-1 g no longer follows the slope: bf16_fidelity.py), which costs 2× the
