@@ -64,8 +64,8 @@ def main() -> None:
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         runs[dtype] = json.loads(done.stdout.strip().splitlines()[-1])
     slope = np.array(runs["float32"][str(EPS[0])])
-    print("| ε | corr(g_bf16, g_fp32) | median |g_bf16 − g_fp32| / |g_fp32| | corr(g_fp32, slope) | "
-          "|g_fp32 − slope| / |slope| | corr(g_bf16, slope) | median |g_fp32| |")
+    print(r"| ε | corr(g_bf16, g_fp32) | median \|g_bf16 − g_fp32\| / \|g_fp32\| | corr(g_fp32, slope) | "
+          r"\|g_fp32 − slope\| / \|slope\| | corr(g_bf16, slope) | median \|g_fp32\| |")
     print("|---|---|---|---|---|---|---|")
     for eps in map(str, EPS):
         a, b = np.array(runs["float32"][eps]), np.array(runs["bfloat16"][eps])
