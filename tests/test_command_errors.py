@@ -85,6 +85,15 @@ def test_a_bench_child_refuses_in_one_line(monkeypatch, capsys):
         bench._raise_if_failed("child", 1, "Traceback (most recent call last):\n  ...\nKeyError: 'x'\n")
 
 
+def test_bench_says_why_it_skips_a_dtype_only_when_it_chose():
+    peaks = {"float32": 500.0, "bfloat16": 980.0, "float16": 48.5}
+    assert bench.native_dtypes(peaks) == ["float32", "bfloat16"]
+    assert bench.skip_notes(peaks, None) == [
+        "skipping float16: its matmul runs at 48.5 GFLOP/s here, fp32 at 500 "
+        "(not native on this CPU; --dtype float16 measures it anyway)"]
+    assert bench.skip_notes(peaks, ["bfloat16"]) == []  # fp32 is native: it was not asked for
+
+
 def test_peak_rss_runs_the_cli_as_a_child():
     assert 0 < bench.peak_rss(["--version"]) < 4
     with pytest.raises(ConfigError, match=r"^--out is required \(or --resume RUN_DIR\)$"):
