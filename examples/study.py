@@ -159,7 +159,7 @@ GRID: tuple[Setting, ...] = (
     Setting("review-n4-norm-25-lr-8e-3-30min", "30 minutes, task sst2",
             _review(lr=8e-3, normalise=25, steps=1100, eval_every=50, save_every=100)),
     # cosine led the 10-minute schedules on test (87.5 ± 1.0), so it is the 30-minute candidate
-    Setting("default-cosine-30min", "30 minutes, task sst2",
+    Setting("review-n4-norm-25-lr-8e-3-cosine-30min", "30 minutes, task sst2",
             _default(lr_schedule="cosine", steps=1100, eval_every=50, save_every=100)),
     # The grid's other axes, one change each from today's defaults (`review-n4-norm-25-lr-8e-3`):
     # `python examples/study.py run --setting 'default-*'`
