@@ -227,9 +227,10 @@ def skip_notes(peaks: dict[str, float], asked: list[str] | None) -> list[str]:
     dtype the user's `--dtype` did not name is not measured because it was not asked for."""
     if asked:
         return []
+    native = native_dtypes(peaks)
     return [f"skipping {d}: its matmul runs at {peaks[d]:.1f} GFLOP/s here, fp32 at {peaks['float32']:.0f} "
             f"(not native on this CPU; --dtype {d} measures it anyway)"
-            for d in DTYPES if d not in native_dtypes(peaks)]
+            for d in DTYPES if d not in native]
 
 
 def run_bench(out: Path, steps: int, dtypes: list[str] | None = None, echo: Any = print) -> dict[str, Any]:
