@@ -178,6 +178,11 @@ GRID: tuple[Setting, ...] = (
         ("r1-lr-x2", dict(rank=1, alpha=2.0, lr=1.6e-2)),  # x4 collapsed (dev 0.66 at step 50)
         ("b-only-lr-x2", dict(train_only="B", lr=1.6e-2)),
     )),
+    # A larger model, the lever the grid left (issue 12's anchors are OPT-13B): the embedded Gemma-3-270M,
+    # a base model with twice SmolLM2-135M's parameters, with the defaults unchanged
+    Setting("gemma3-270m-defaults", "model", _default(model="gemma3-270m")),
+    # at the defaults' lr Gemma peaks by step 50 (dev 0.87) and falls back to 0.77-0.82: a smaller step
+    *(Setting(f"gemma3-270m-lr-{lr}", "model", _default(model="gemma3-270m", lr=float(lr))) for lr in ("4e-3", "2e-3")),
     # The clean-pass curvature rule needs fp32 (in bf16 at ε 1e-2 its second difference is
     # rounding; at ε 1e-1 g no longer follows the slope: bf16_fidelity.py), which costs 2× the
     # step here, so half the steps for the same 10 minutes. A probe at θ₀ (8 steps, fp32, ε 1e-2)
@@ -209,8 +214,8 @@ def config(setting: Setting, seed: int, root: Path, steps: int | None = None):
 
 def _engine_key(cfg: Any) -> tuple:
     """What an engine is started with (`trainer.start_engine`): runs that agree share one."""
-    return (cfg.dtype, cfg.rank, tuple(cfg.targets), variant_slots(cfg.estimator, cfg.directions), cfg.max_length,
-            cfg.compile)
+    return (cfg.model, cfg.dtype, cfg.rank, tuple(cfg.targets), variant_slots(cfg.estimator, cfg.directions),
+            cfg.max_length, cfg.compile)
 
 
 def _load(path: Path) -> dict[str, Any] | None:

@@ -198,17 +198,34 @@ def serve(target: str, vllm_args: tuple[str, ...], name: str | None, model: str 
 
 @main.group()
 def model() -> None:
-    """The embedded default model."""
+    """The embedded models (`--model NAME`), shipped by PyPI packages as GGUF files."""
+
+
+@model.command("list")
+def list_models() -> None:
+    """The embedded models: name, what it is, its licence, and whether it is prepared or how to install it."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from .model import EMBEDDED
+
+    for m in EMBEDDED.values():
+        try:
+            distribution(m.package)
+            state = f"prepared in {m.folder()}" if m.folder().is_dir() else "installed, prepared on first use"
+        except PackageNotFoundError:
+            state = f"not installed: {m.install}"
+        click.echo(f"{m.name}: {m.title}; {m.licence}; {state}")
 
 
 @model.command()
+@click.argument("name", default="smollm2-135m")
 @click.option("--force", is_flag=True, help="prepare again even if it is cached")
 @_one_line_errors
-def prepare(force: bool) -> None:
-    """Dequantize the packaged SmolLM2-135M-Instruct GGUF into an HF safetensors folder."""
-    from .model import prepare_default_model
+def prepare(name: str, force: bool) -> None:
+    """Dequantize an embedded model's GGUF (NAME, default smollm2-135m) into an HF safetensors folder."""
+    from .model import prepare_embedded
 
-    click.echo(prepare_default_model(force=force))
+    click.echo(prepare_embedded(name, force=force))
 
 
 @main.command()

