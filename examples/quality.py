@@ -369,9 +369,9 @@ def _column_sums(body: Any, lm_head: Any, requests: Sequence[Any]) -> Any:
 @click.option("--steps", type=int, help="override the task's step budget (e.g. a quick check)")
 @click.option("--out", "name", default=None, help="result name (default: TASK-first-order, -sSEED for seed ≠ 0)")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the adapter's init and the batches")
-@click.option("--model", default=None, help="base model, as `tune --model` takes it (default: the embedded default; "
+@click.option("--model", "base", default=None, help="base model, as `tune --model` takes it (default: the embedded default; "
                                             "score another model's adapter with `mezo-vllm eval`)")
-def first_order(task: str, steps: int | None, name: str | None, seed: int, model: str | None) -> None:
+def first_order(task: str, steps: int | None, name: str | None, seed: int, base: str | None) -> None:
     """LoRA with Adam and backprop (transformers + PEFT), same adapter shape and objective."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -386,8 +386,8 @@ def first_order(task: str, steps: int | None, name: str | None, seed: int, model
     budget, batch = FO[task]
     steps = steps or budget
     # another model's results are kept out of the default model's `TASK-first-order*` globs
-    name = name or f"{task}-" + (f"{model}-" if model else "") + "first-order" + (f"-s{seed}" if seed else "")
-    model_dir = str(resolve_model(model).resolve())
+    name = name or f"{task}-" + (f"{base}-" if base else "") + "first-order" + (f"-s{seed}" if seed else "")
+    model_dir = str(resolve_model(base).resolve())
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -432,7 +432,7 @@ def first_order(task: str, steps: int | None, name: str | None, seed: int, model
     _save(name, {"steps": steps, "batch_size": batch, "lr": FO_LR, "seed": seed, "train_s": train_s,
                  "peak_rss_gib": _peak_rss_gib(), "curve": curve,
                  "command": f"python examples/quality.py first-order --task {task} --seed {seed}"
-                            + (f" --model {model}" if model else "")})
+                            + (f" --model {base}" if base else "")})
     click.echo(f"{task}: first-order LoRA {steps} steps in {train_s:.0f} s, peak RSS {_peak_rss_gib():.2f} GiB")
 
 

@@ -70,10 +70,6 @@ EMBEDDED = {m.name: m for m in (
 )}
 
 
-def default_model_dir() -> Path:
-    return EMBEDDED[DEFAULT_MODEL].folder()
-
-
 def prepare_default_model(force: bool = False) -> Path:
     return prepare_embedded(DEFAULT_MODEL, force)
 
