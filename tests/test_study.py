@@ -108,7 +108,7 @@ def test_a_result_file_older_than_a_setting_reads_it_as_its_default(tmp_path):
 # --------------------------------------------------------------------------- the recipes it chose
 
 # recipes/ file → the study setting it ships
-RECIPES = {"sst2.yaml": "review-n4-norm-25-lr-8e-3", "sst2-gemma3-270m.yaml": "gemma3-270m-lr-4e-3"}
+RECIPES = {"sst2.yaml": "review-n4-norm-25-lr-8e-3", "sst2-gemma3-270m.yaml": "gemma3-270m-lr-2e-3"}
 DEFAULT = "review-n4-norm-25-lr-8e-3"  # the study setting `mezo-vllm tune --task sst2` runs without flags (make tune)
 
 
