@@ -88,12 +88,12 @@ def _metric(engine: Any, split: Any, variant: int | None) -> float:
     return m["accuracy"] if "accuracy" in m else m["f1"]
 
 
-def _engine(directions: int = 1, dtype: str = "bfloat16"):
+def _engine(directions: int = 1, dtype: str = "bfloat16", base: str | None = None):
     from mezo_vllm.adapter import LoraAdapter, LoraSpec, model_linear_shapes
     from mezo_vllm.engine import EngineConfig, VllmEngine
     from mezo_vllm.model import resolve_model
 
-    model = str(resolve_model(None).resolve())
+    model = str(resolve_model(base).resolve())
     adapter = LoraAdapter.init(LoraSpec(), model_linear_shapes(model), seed=0)
     return VllmEngine(EngineConfig(model=model, dtype=dtype, n_variants=2 * directions), adapter)
 
@@ -385,8 +385,7 @@ def first_order(task: str, steps: int | None, name: str | None, seed: int, base:
 
     budget, batch = FO[task]
     steps = steps or budget
-    # another model's results are kept out of the default model's `TASK-first-order*` globs
-    name = name or f"{task}-" + (f"{base}-" if base else "") + "first-order" + (f"-s{seed}" if seed else "")
+    name = name or _first_order_name(task, base) + (f"-s{seed}" if seed else "")
     model_dir = str(resolve_model(base).resolve())
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -436,13 +435,20 @@ def first_order(task: str, steps: int | None, name: str | None, seed: int, base:
     click.echo(f"{task}: first-order LoRA {steps} steps in {train_s:.0f} s, peak RSS {_peak_rss_gib():.2f} GiB")
 
 
+def _first_order_name(task: str, base: str | None) -> str:
+    """Another model's results are kept out of the default model's `TASK-first-order*` globs."""
+    return f"{task}-" + (f"{base}-" if base else "") + "first-order"
+
+
 @main.command("eval-first-order")
 @click.option("--task", "tasks", multiple=True, type=click.Choice(TASKS), default=TASKS)
-def eval_first_order(tasks: Sequence[str]) -> None:
+@click.option("--model", "base", default=None, help="the base model the adapters were trained on "
+                                                    "(as `first-order --model` took it; default: the embedded default)")
+def eval_first_order(tasks: Sequence[str], base: str | None) -> None:
     """The first-order adapters (every seed's) on the test split, in the engine that scores the others."""
-    engine = _engine()
+    engine = _engine(base=base)
     for task in tasks:
-        names = sorted(p.stem for p in (OUT / "results").glob(f"{task}-first-order*.json"))
+        names = sorted(p.stem for p in (OUT / "results").glob(f"{_first_order_name(task, base)}*.json"))
         if not names:
             click.echo(f"{task}: no first-order run yet")
             continue

@@ -29,6 +29,8 @@ def test_defaults_rows_join_each_seeds_best_and_read_sst2_from_the_study(tmp_pat
     _write(results, "sst2-first-order", test=0.9, train_s=300.0, steps=300)
     _write(results, "sst2-first-order-s1", test=0.8, train_s=360.0, steps=300)
     _write(results, "sst2-first-order-s2", train_s=300.0, steps=300)  # not scored yet
+    # another base model's first-order runs are not the default model's ceiling
+    _write(results, quality._first_order_name("sst2", "gemma3-270m"), test=0.1, train_s=60.0, steps=30)
     for seed, status in ((0, "done"), (1, "done"), (2, "diverged")):
         _write(study, f"{quality.STUDY_DEFAULTS}-s{seed}", status=status, test_accuracy=0.8 + seed / 10,
                test_accuracy_best=0.7, wall_s=480.0, test_examples=272)
