@@ -364,6 +364,11 @@ def _column_sums(body: Any, lm_head: Any, requests: Sequence[Any]) -> Any:
     return torch.cat(out)
 
 
+def _first_order_name(task: str, base: str | None) -> str:
+    """Another model's results are kept out of the default model's `TASK-first-order*` globs."""
+    return f"{task}-" + (f"{base}-" if base else "") + "first-order"
+
+
 @main.command("first-order")
 @click.option("--task", type=click.Choice(TASKS), required=True)
 @click.option("--steps", type=int, help="override the task's step budget (e.g. a quick check)")
@@ -433,11 +438,6 @@ def first_order(task: str, steps: int | None, name: str | None, seed: int, base:
                  "command": f"python examples/quality.py first-order --task {task} --seed {seed}"
                             + (f" --model {base}" if base else "")})
     click.echo(f"{task}: first-order LoRA {steps} steps in {train_s:.0f} s, peak RSS {_peak_rss_gib():.2f} GiB")
-
-
-def _first_order_name(task: str, base: str | None) -> str:
-    """Another model's results are kept out of the default model's `TASK-first-order*` globs."""
-    return f"{task}-" + (f"{base}-" if base else "") + "first-order"
 
 
 @main.command("eval-first-order")
