@@ -68,6 +68,11 @@ def _load(name: str) -> dict[str, Any] | None:
     return _json(path) if path.exists() else None
 
 
+def _first_order_name(task: str, base: str | None) -> str:
+    """Another model's results are kept out of the default model's `TASK-first-order*` globs."""
+    return f"{task}-" + (f"{base}-" if base else "") + "first-order"
+
+
 def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
 
@@ -132,7 +137,7 @@ def mezo(tasks: Sequence[str]) -> None:
     engine = _engine()
     for task in tasks:
         record = _load(f"{task}-mezo") or {}
-        first = _load(f"{task}-first-order")
+        first = _load(_first_order_name(task, None))
         if "mezo" in record and (first is None or "test" in first):
             continue  # scored already
         split = _test_split(task, engine.tokenizer)
@@ -157,8 +162,8 @@ def mezo(tasks: Sequence[str]) -> None:
         click.echo(f"{task}: zero-shot {record['zero_shot']:.4f}, MeZO-LoRA {record['mezo']:.4f} "
                    f"({record['train_s']:.0f} s)")
         if first is not None and "test" not in first:  # scored here, saving an engine start
-            first["test"] = _score_adapter(engine, split, OUT / f"{task}-first-order" / "adapter")
-            _save(f"{task}-first-order", first)
+            first["test"] = _score_adapter(engine, split, OUT / _first_order_name(task, None) / "adapter")
+            _save(_first_order_name(task, None), first)
             click.echo(f"{task}: first-order LoRA {first['test']:.4f}")
 
 
@@ -270,7 +275,7 @@ def defaults_rows(results: Path, study: Path) -> list[DefaultsRow]:
         if not runs:
             continue
         zero = results / f"{task}-zero-shot.json"
-        first = [r for r in map(_json, sorted(results.glob(f"{task}-first-order*.json"))) if "test" in r]
+        first = [r for r in map(_json, sorted(results.glob(f"{_first_order_name(task, None)}*.json"))) if "test" in r]
         rows.append(DefaultsRow(task, runs[0]["test_examples"], _json(zero)["zero_shot"] if zero.exists() else None,
                                 final, best, minutes, [r["test"] for r in first], [r["train_s"] / 60 for r in first],
                                 sorted({r["steps"] for r in first})))
@@ -362,11 +367,6 @@ def _column_sums(body: Any, lm_head: Any, requests: Sequence[Any]) -> Any:
         out.append(rows.gather(-1, torch.tensor(r.candidates)).sum(0))
         start += r.n_targets
     return torch.cat(out)
-
-
-def _first_order_name(task: str, base: str | None) -> str:
-    """Another model's results are kept out of the default model's `TASK-first-order*` globs."""
-    return f"{task}-" + (f"{base}-" if base else "") + "first-order"
 
 
 @main.command("first-order")
@@ -500,7 +500,7 @@ def table() -> str:
     rows = ["| task | metric | test examples | zero-shot | MeZO-LoRA (steps, wall time) | first-order LoRA "
             "(steps, wall time, peak RSS) |", "|---|---|---|---|---|---|"]
     for task in TASKS:
-        mezo, fo = _load(f"{task}-mezo") or {}, _load(f"{task}-first-order") or {}
+        mezo, fo = _load(f"{task}-mezo") or {}, _load(_first_order_name(task, None)) or {}
         metric = _metric_name(task)
         mezo_cell = (f"{_fmt(mezo.get('mezo'))} ({mezo['steps']}, {_minutes(mezo.get('train_s'))})"
                      if "mezo" in mezo else "—")
@@ -537,7 +537,7 @@ def plot_sst2_curves(dest: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([max(m["step"], 1) for m in mezo], [m["accuracy"] for m in mezo], marker="o",
             label=f"MeZO-LoRA (bf16 vLLM, {mezo[-1]['wall_s'] / 60:.0f} min)")
-    first = _load("sst2-first-order") or {}
+    first = _load(_first_order_name("sst2", None)) or {}
     if first.get("curve"):
         ax.plot([max(c["step"], 1) for c in first["curve"]], [c["accuracy"] for c in first["curve"]], marker="s",
                 label=f"first-order LoRA (Adam, transformers+PEFT, {first['train_s'] / 60:.0f} min)")
